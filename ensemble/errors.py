@@ -1,0 +1,24 @@
+"""One error type for bad user input; every CLI turns it into one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input from the user: a manifest, a space file, a run directory, a flag.
+
+    The message names the file, row or key, what was found and what would be
+    accepted (and for a sweep, the command that resumes it). CLIs print it as
+    one line and exit with code 2; it is never an internal invariant.
+    """
+
+
+def format_rows(rows, limit: int = 5) -> str:
+    """'rows 3, 7, 9 (3 rows)' with only the first `limit` shown.
+
+    Row numbers are 1-based data rows as a spreadsheet shows them after the header.
+    """
+    rows = [int(r) for r in rows]
+    shown = ", ".join(str(r) for r in rows[:limit])
+    more = ", ..." if len(rows) > limit else ""
+    noun = "row" if len(rows) == 1 else "rows"
+    return f"{noun} {shown}{more} ({len(rows)} {noun})"

@@ -1,0 +1,266 @@
+"""Load a run's out-of-fold and test predictions into aligned arrays for stacking.
+
+`load_run(run)` reads `<run>/folds.csv` and every `<run>/models/<model_id>/`
+(config.json, oof_tta.parquet or oof.parquet, test.parquet) and returns a
+`StackData`: models x rows x classes arrays in folds.csv's row order, the
+ground truth encoded from folds.csv, and the fold of every row.
+
+Everything is checked before anything is used, and each problem is one
+UserError naming the file and the ids, columns or models at fault: ids that
+differ from folds.csv (and so between models), OOF rows whose fold disagrees
+with folds.csv, NaN/inf, values outside [0, 1], multiclass rows not summing to
+1 (within 1e-3; accepted rows are renormalised exactly, as the metrics would),
+class columns that differ between models. A model with missing files or a
+missing fold is incomplete: the error lists all of them, and
+`skip_incomplete=True` leaves them out instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble.errors import UserError
+
+ROW_SUM_TOL = 1e-3
+
+
+@dataclass
+class StackData:
+    """Aligned level-1 predictions of one run (rows in folds.csv order)."""
+
+    run: Path
+    task: str
+    classes: list[str]
+    target: dict
+    model_ids: list[str]
+    ids: np.ndarray  # training ids, folds.csv order
+    folds: np.ndarray  # fold of each training row
+    y_true: np.ndarray  # rows x classes, from ensemble.data.encode_targets
+    oof: np.ndarray  # models x rows x classes
+    test_ids: np.ndarray
+    test: np.ndarray  # models x test rows x classes
+    sources: dict[str, str] = field(default_factory=dict)  # model_id -> the OOF file used
+    skipped: dict[str, str] = field(default_factory=dict)  # model_id -> why it was left out
+
+
+def _some(values, noun: str = "id") -> str:
+    """'3 ids (a, b, c)' with the first 5 shown."""
+    values = [str(v) for v in values]
+    shown = ", ".join(values[:5]) + (", ..." if len(values) > 5 else "")
+    return f"{len(values)} {noun}{'' if len(values) == 1 else 's'} ({shown})"
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot be read as JSON ({exc}); the train stage writes it, rerun it for this model.") from exc
+    missing = [k for k in ("task", "classes", "target") if k not in config]
+    if missing:
+        raise UserError(f"{path}: missing key(s) {missing}; a model config needs task, classes, k and target.")
+    if config["task"] not in ("multiclass", "multilabel"):
+        raise UserError(f"{path}: 'task' must be one of ['multiclass', 'multilabel']. Got {config['task']!r} instead.")
+    if not isinstance(config["target"], dict) or "column" not in config["target"] or "form" not in config["target"]:
+        raise UserError(f"{path}: 'target' must be an object with 'form' and 'column'. Got {config['target']!r} instead.")
+    return config
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot be read as Parquet ({exc}); rerun the stage that writes it.") from exc
+
+
+def _read_folds(run: Path, target: dict, classes: list[str]) -> pd.DataFrame:
+    from ensemble import data  # imported here: it pulls in torch and OpenCV, which only the loader needs
+
+    path = run / "folds.csv"
+    frame = data.read_table(path)
+    needed = ["id", "fold", target["column"]]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}. "
+                        f"folds.csv needs id, fold and the target column {target['column']!r}.")
+    frame = frame.reset_index(drop=True)
+    data._check_ids(frame, path)
+    fold = pd.to_numeric(frame["fold"], errors="coerce")
+    bad = ~np.isfinite(fold.to_numpy(dtype=float)) | (fold % 1 != 0)
+    if bad.any():
+        from ensemble.errors import format_rows
+
+        raise UserError(f"{path}: 'fold' is not an integer at {format_rows(np.flatnonzero(bad) + 1)}; "
+                        "folds are 0..k-1 as the folds stage writes them.")
+    frame["fold"] = fold.astype(np.int64)
+    data._check_targets(frame, data.Target(**_target_fields(target)), classes, path)
+    return frame
+
+
+def _target_fields(target: dict) -> dict:
+    return {k: target[k] for k in ("form", "column", "maybe_weight") if k in target}
+
+
+def _encode(frame: pd.DataFrame, target: dict, classes: list[str]) -> np.ndarray:
+    from ensemble.data import encode_targets
+
+    return np.asarray(encode_targets(frame, _target_fields(target), classes), dtype=np.float64)
+
+
+def _check_values(path: Path, frame: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
+    """The class columns as floats, after the NaN / range / row-sum checks."""
+    try:
+        values = frame[classes].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: class columns must be numeric probabilities ({exc}).") from exc
+    ids = frame["id"].to_numpy()
+    bad = ~np.isfinite(values)
+    if bad.any():
+        cols = [c for c, b in zip(classes, bad.any(axis=0)) if b]
+        raise UserError(f"{path}: NaN or inf at {_some(ids[bad.any(axis=1)])} in column(s) {cols[:5]}; "
+                        "every cell must be a finite probability: rerun the prediction for this model.")
+    bad = (values < 0) | (values > 1)
+    if bad.any():
+        raise UserError(f"{path}: values outside [0, 1] at {_some(ids[bad.any(axis=1)])}; expected probabilities "
+                        f"({'softmax' if task == 'multiclass' else 'sigmoid'} outputs), not logits.")
+    if task == "multiclass":
+        sums = values.sum(axis=1)
+        bad = np.abs(sums - 1) > ROW_SUM_TOL
+        if bad.any():
+            raise UserError(f"{path}: multiclass rows must sum to 1 (within {ROW_SUM_TOL}); {_some(ids[bad])} "
+                            f"sum to e.g. {sums[bad][0]:.6g}. Write softmax probabilities over all classes.")
+        values /= sums[:, None]
+    return values
+
+
+def _check_columns(path: Path, frame: pd.DataFrame, keys: list[str], classes: list[str], ref: str) -> None:
+    found = [c for c in frame.columns if c not in keys]
+    missing = [c for c in classes if c not in found]
+    extra = [c for c in found if c not in classes]
+    absent_keys = [k for k in keys if k not in frame.columns]
+    if absent_keys:
+        raise UserError(f"{path}: missing column(s) {absent_keys}; it needs {keys} + one column per class.")
+    if missing or extra:
+        raise UserError(f"{path}: class columns differ from {ref}: missing {missing[:5]}, unexpected {extra[:5]}. "
+                        "Every model must predict the same classes, with columns named exactly as the classes.")
+    if frame["id"].duplicated().any():
+        raise UserError(f"{path}: duplicate ids {_some(frame['id'][frame['id'].duplicated()].unique())}; "
+                        "each id appears once.")
+
+
+def _model_files(model_dir: Path, tta: bool) -> tuple[Path | None, list[str]]:
+    """The OOF file to use and what is missing (empty when complete)."""
+    missing = []
+    oof = model_dir / "oof_tta.parquet" if tta and (model_dir / "oof_tta.parquet").exists() else model_dir / "oof.parquet"
+    if not oof.exists():
+        note = " (oof_tta.parquet exists, but --no-tta refuses it)" if (model_dir / "oof_tta.parquet").exists() else ""
+        missing.append(f"oof.parquet{note}")
+    if not (model_dir / "test.parquet").exists():
+        missing.append("test.parquet")
+    return (oof if oof.exists() else None), missing
+
+
+def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
+    """Read and check every model's OOF and test predictions of `run`; see the module docstring."""
+    run = Path(run)
+    if not (run / "folds.csv").exists() or not (run / "models").is_dir():
+        raise UserError(f"{run}: not a run directory (needs folds.csv and models/); pass the directory the sweep "
+                        "wrote, e.g. runs/<name>.")
+    model_dirs = sorted(p for p in (run / "models").iterdir() if p.is_dir() and not p.name.startswith("."))
+    configs = {}
+    for d in model_dirs:
+        if (d / "config.json").exists():
+            configs[d.name] = _read_config(d / "config.json")
+    if not configs:
+        raise UserError(f"{run / 'models'}: no model directories with a config.json; run the sweep first.")
+    ref_id = next(iter(configs))
+    ref = configs[ref_id]
+    for model_id, config in configs.items():
+        for key in ("task", "target"):
+            if config[key] != ref[key]:
+                raise UserError(f"{run}/models/{model_id}/config.json: {key} {config[key]!r} differs from "
+                                f"models/{ref_id} ({ref[key]!r}); a run stacks models of one task and target.")
+        if list(config["classes"]) != list(ref["classes"]):
+            a, b = set(config["classes"]), set(ref["classes"])
+            raise UserError(f"{run}/models/{model_id}/config.json: classes differ from models/{ref_id}: "
+                            f"missing {sorted(b - a)[:5]}, unexpected {sorted(a - b)[:5]}"
+                            f"{', same names in another order' if a == b else ''}; every model must predict the same classes.")
+    task, target, classes = ref["task"], ref["target"], [str(c) for c in ref["classes"]]
+    folds_frame = _read_folds(run, target, classes)
+    ids = folds_frame["id"].to_numpy(dtype=object)
+    folds = folds_frame["fold"].to_numpy()
+    index = pd.Index(ids)
+
+    incomplete: dict[str, str] = {}
+    for d in model_dirs:
+        if d.name not in configs:
+            incomplete[d.name] = "config.json missing"
+    oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None
+    for model_id in configs:
+        model_dir = run / "models" / model_id
+        oof_path, missing = _model_files(model_dir, tta)
+        if missing:
+            incomplete[model_id] = ", ".join(missing) + " missing"
+            continue
+        oof = _read_parquet(oof_path)
+        _check_columns(oof_path, oof, ["id", "fold"], classes, f"models/{ref_id}/config.json")
+        oof_ids = oof["id"].astype(str).to_numpy(dtype=object)
+        pos = index.get_indexer(oof_ids)
+        if (pos < 0).any():
+            raise UserError(f"{oof_path}: {_some(oof_ids[pos < 0])} not in folds.csv; OOF ids must be the training "
+                            "ids of folds.csv (was it written for another run?).")
+        absent = np.ones(len(ids), dtype=bool)
+        absent[pos] = False
+        if absent.any():
+            missing_folds = np.unique(folds[absent])
+            whole = all((folds[~absent] != f).all() for f in missing_folds)
+            if whole:
+                incomplete[model_id] = f"{oof_path.name} has no rows for fold(s) {missing_folds.tolist()}"
+                continue
+            raise UserError(f"{oof_path}: ids differ from folds.csv and the other models: {_some(ids[absent])} "
+                            "of folds.csv are missing; every training id needs exactly one OOF row.")
+        oof_folds = pd.to_numeric(oof["fold"], errors="coerce").to_numpy()
+        wrong = oof_folds != folds[pos]
+        if wrong.any():
+            raise UserError(f"{oof_path}: the fold of {_some(oof_ids[wrong])} differs from folds.csv; OOF rows must "
+                            "come from the model that held that id out (rerun with the run's folds.csv).")
+        values = np.empty((len(ids), len(classes)))
+        values[pos] = _check_values(oof_path, oof, classes, task)
+
+        test_path = model_dir / "test.parquet"
+        test = _read_parquet(test_path)
+        _check_columns(test_path, test, ["id"], classes, f"models/{ref_id}/config.json")
+        t_ids = test["id"].astype(str).to_numpy(dtype=object)
+        if test_ids is None:
+            test_ids, test_ref = t_ids, test_path
+            t_pos = np.arange(len(t_ids))
+        else:
+            t_pos = pd.Index(test_ids).get_indexer(t_ids)
+            absent_t = np.setdiff1d(test_ids, t_ids)
+            if (t_pos < 0).any() or len(absent_t):
+                raise UserError(f"{test_path}: test ids differ from {test_ref}: {_some(t_ids[t_pos < 0])} unexpected, "
+                                f"{_some(absent_t)} missing; all models must predict the same test ids.")
+        t_values = np.empty((len(test_ids), len(classes)))
+        t_values[t_pos] = _check_values(test_path, test, classes, task)
+        oof_list.append(values)
+        test_list.append(t_values)
+        sources[model_id] = oof_path.name
+
+    skipped = {}
+    if incomplete:
+        listing = "; ".join(f"{m}: {why}" for m, why in incomplete.items())
+        if not skip_incomplete:
+            raise UserError(f"{run}/models: {len(incomplete)} incomplete model(s): {listing}. Finish them "
+                            "(rerun the sweep/predict stage) or pass --skip-incomplete to stack without them.")
+        skipped = incomplete
+    if not oof_list:
+        raise UserError(f"{run}/models: no complete model to stack ({len(incomplete)} incomplete).")
+    return StackData(
+        run=run, task=task, classes=classes, target=target, model_ids=list(sources), ids=ids, folds=folds,
+        y_true=_encode(folds_frame, target, classes), oof=np.stack(oof_list), test_ids=test_ids,
+        test=np.stack(test_list), sources=sources, skipped=skipped,
+    )

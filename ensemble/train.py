@@ -1,0 +1,331 @@
+"""Train one fold of one model: epochs in stages, a checkpoint every epoch, best-epoch OOF.
+
+No Ray here. The sweep (`ensemble.tune`) calls `train_until` from Ray tasks, one
+epoch at a time for every fold of a model; `train_fold` runs the same code in a
+plain loop for debugging. Everything a fold needs to continue lives in its
+folder, so a resumed fold equals an uninterrupted one:
+
+  models/<model_id>/fold<k>/
+    last.pt        model + optimizer + history after the last finished epoch
+    weights.pt     the best epoch's state_dict
+    oof.parquet    the best epoch's held-out predictions: id, fold, one column per class
+    metrics.json   per-epoch history, best epoch, monitored metric, complete flag
+
+Every random draw of epoch e is seeded from (seed, fold, e), so restarting at
+epoch e from last.pt replays exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from ensemble import metrics as metrics_mod
+from ensemble.data import (
+    DecodedCache,
+    ImageDataset,
+    Target,
+    cache_path,
+    create_loader,
+    encode_targets,
+    normalize_batch,
+    read_manifest,
+)
+from ensemble.io import atomic_path, write_json, write_parquet
+from ensemble.models import create_model, frozen_bn_eval, set_backbone_frozen
+
+
+@dataclass
+class FoldResult:
+    model_id: str
+    fold: int
+    best_epoch: int
+    best_score: float
+    metric: str
+    epochs: int
+    complete: bool
+
+
+def fold_dir(run_dir: Path, model_id: str, fold: int) -> Path:
+    return Path(run_dir) / "models" / model_id / f"fold{fold}"
+
+
+def read_metrics(run_dir: Path, model_id: str, fold: int) -> dict | None:
+    path = fold_dir(run_dir, model_id, fold) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def total_epochs(config: dict) -> int:
+    return sum(stage["epochs"] for stage in config["stages"])
+
+
+def stage_of(config: dict, epoch: int) -> tuple[int, dict, int]:
+    """(stage index, stage, epoch index inside the stage) of a 0-based global epoch."""
+    start = 0
+    for i, stage in enumerate(config["stages"]):
+        if epoch < start + stage["epochs"]:
+            return i, stage, epoch - start
+        start += stage["epochs"]
+    raise IndexError(f"epoch {epoch} is past the last stage")
+
+
+def is_better(score: float, best: float, mode: str) -> bool:
+    return score < best if mode == "min" else score > best
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class FoldTrainer:
+    """The state of one fold in training; `restore` continues from its last.pt."""
+
+    def __init__(self, config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: float = 1.0,
+                 device: str | None = None):
+        self.config, self.fold, self.run_dir = config, fold, Path(run_dir)
+        self.dir = fold_dir(self.run_dir, config["model_id"], fold)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cpus = cpus
+        # Threads = this fold's CPU share: 2 cores shared by 4 processes x N threads crawl.
+        torch.set_num_threads(max(1, int(cpus)))
+        cv2.setNumThreads(max(1, int(cpus)))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.params = config["params"]
+        self._load_rows()
+        torch.manual_seed(_seed(config["seed"], fold, 10_000))
+        self.model = create_model(
+            config["backbone"], len(config["classes"]), pretrained=config.get("pretrained", False),
+            weights=config.get("weights"), dropout=self.params["dropout"], drop_path=self.params["drop_path"],
+        ).to(self.device)
+        self.epoch, self.history, self.best = 0, [], None
+        self._stage_index = None
+        self.skipped_ids: set[str] = set()
+
+    # ----------------------------------------------------------------- data
+
+    def _load_rows(self) -> None:
+        data = self.config["data"]
+        target = Target(**self.config["target"])
+        # Validated once at launch: here only the rows of folds.csv, in its order.
+        manifest = read_manifest(data["manifest"], data["root"], target=target, classes=self.config["classes"],
+                                 check_images="none")
+        folds = pd.read_csv(self.run_dir / "folds.csv", dtype={"id": str})
+        frame = manifest.frame.set_index("id").loc[folds["id"]].reset_index()
+        paths = [str(Path(data["root"]) / p) for p in frame["image"]]
+        y = encode_targets(frame, target, self.config["classes"])
+        is_valid = folds["fold"].to_numpy() == self.fold
+        self.train_paths = [p for p, v in zip(paths, is_valid) if not v]
+        self.valid_paths = [p for p, v in zip(paths, is_valid) if v]
+        self.y_train, self.y_valid = y[~is_valid], y[is_valid]
+        self.train_ids, self.valid_ids = frame["id"][~is_valid].tolist(), frame["id"][is_valid].tolist()
+        self.mean, self.std = data["normalize"]["mean"], data["normalize"]["std"]
+
+    def _dataset(self, paths, y, stage: dict, train: bool) -> ImageDataset:
+        data, size = self.config["data"], self.params["image_size"]
+        preprocess = stage.get("preprocess", data["preprocess"])
+        cache = None
+        if data.get("cache", True):
+            cache = DecodedCache(cache_path(self.run_dir / "cache", paths, size, preprocess), len(paths), size)
+        return ImageDataset(paths, y, size, preprocess=preprocess, cache=cache,
+                            augment=stage.get("augment", data["augment"]) if train else None,
+                            on_bad_image=data.get("on_bad_image", "raise"), seed=self.config["seed"])
+
+    # ----------------------------------------------------------------- optimisation
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.config["task"] == "multilabel":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self._pos_weight)
+        smoothing = self.params["label_smoothing"]
+        if smoothing:
+            y = y * (1 - smoothing) + smoothing / y.shape[1]
+        # Soft targets (FashionAI's 'maybe') and one-hot alike: cross-entropy against the target rows.
+        return torch.sum(-y * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    @property
+    def _pos_weight(self) -> torch.Tensor | None:
+        if self.params.get("pos_weight") != "auto":
+            return None
+        pos = self.y_train.sum(0)
+        return torch.as_tensor((len(self.y_train) - pos) / np.maximum(pos, 1), dtype=torch.float32, device=self.device)
+
+    def _enter_stage(self, index: int, stage: dict) -> None:
+        """New optimizer and scheduler at each stage boundary (and on restore)."""
+        import timm.optim
+        import timm.scheduler
+
+        set_backbone_frozen(self.model, stage.get("freeze", False))
+        lr = self.params["lr"] * stage.get("lr_scale", 1.0)
+        self.optimizer = timm.optim.create_optimizer_v2(
+            self.model, opt=self.params["optimizer"], lr=lr, weight_decay=self.params["weight_decay"],
+            momentum=self.params["momentum"])
+        self.scheduler = None
+        if self.params["scheduler"] not in (None, "none"):
+            self.scheduler, _ = timm.scheduler.create_scheduler_v2(
+                self.optimizer, sched=self.params["scheduler"], num_epochs=stage["epochs"],
+                warmup_epochs=min(self.params["warmup_epochs"], max(stage["epochs"] - 1, 0)))
+        self._stage_index = index
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def restore(self) -> bool:
+        """Continue from last.pt when it exists; True if something was restored."""
+        path = self.dir / "last.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.skipped_ids = set(state["skipped_ids"])
+        if self.epoch < total_epochs(self.config):
+            index, stage, _ = stage_of(self.config, self.epoch)
+            self._enter_stage(index, stage)
+            if state["stage"] == index:  # mid-stage: the optimizer's moments continue too
+                self.optimizer.load_state_dict(state["optimizer"])
+        return True
+
+    def _save(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "stage": self._stage_index, "history": self.history, "best": self.best,
+                 "skipped_ids": sorted(self.skipped_ids)}
+        with atomic_path(self.dir / "last.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _write_metrics(self, complete: bool, stopped: str | None = None) -> None:
+        write_json({
+            "model_id": self.config["model_id"], "fold": self.fold, "metric": self.config["metric"],
+            "mode": self.config["mode"], "best_epoch": self.best["epoch"] if self.best else None,
+            "best_score": self.best["score"] if self.best else None, "epochs": self.epoch,
+            "complete": complete, "stopped": stopped, "history": self.history,
+            "skipped_ids": sorted(self.skipped_ids),
+        }, self.dir / "metrics.json")
+
+    # ----------------------------------------------------------------- epochs
+
+    def train_epoch(self) -> dict:
+        """Train epoch `self.epoch`, evaluate the held-out fold, checkpoint; returns its metrics."""
+        start = time.perf_counter()
+        index, stage, stage_epoch = stage_of(self.config, self.epoch)
+        if index != self._stage_index:
+            self._enter_stage(index, stage)
+        if self.scheduler is not None:
+            self.scheduler.step(stage_epoch)
+        seed = _seed(self.config["seed"], self.fold, self.epoch)
+        torch.manual_seed(seed)
+        dataset = self._dataset(self.train_paths, self.y_train, stage, train=True)
+        dataset.epoch = self.epoch
+        loader = create_loader(dataset, self.params["batch_size"], shuffle=True, cpus=self.cpus, seed=seed,
+                               drop_last=len(dataset) > self.params["batch_size"])
+        use_amp = self.device.type == "cuda" and self.params.get("amp", True)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.model.train()
+        frozen_bn_eval(self.model)
+        total, count = 0.0, 0
+        for x, y, _, skipped in loader:
+            self.skipped_ids.update(self.train_ids[i] for i in skipped)
+            if x is None:
+                continue
+            x, y = normalize_batch(x.to(self.device), self.mean, self.std), y.to(self.device)
+            with torch.autocast(self.device.type, enabled=use_amp):
+                loss = self._loss(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update()
+            total, count = total + loss.item() * len(x), count + len(x)
+        proba, valid_loss = self.predict_valid(stage)
+        self.epoch += 1
+        row = {"epoch": self.epoch, "train_loss": total / max(count, 1), "loss": valid_loss,
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        row.update(self.score(proba))
+        self.history.append(row)
+        score = row[self.config["metric"]]
+        if self.best is None or is_better(score, self.best["score"], self.config["mode"]):
+            self.best = {"epoch": self.epoch, "score": score}
+            self._write_best(proba)
+        self._save()
+        self._write_metrics(complete=self.epoch >= total_epochs(self.config))
+        return row
+
+    @torch.no_grad()
+    def predict_valid(self, stage: dict) -> tuple[np.ndarray, float]:
+        dataset = self._dataset(self.valid_paths, self.y_valid, stage, train=False)
+        loader = create_loader(dataset, self.params["batch_size"] * 2, cpus=self.cpus)
+        self.model.eval()
+        outputs, losses = [], []
+        for x, y, index, skipped in loader:
+            self.skipped_ids.update(self.valid_ids[i] for i in skipped)
+            if x is None:
+                continue
+            logits = self.model(normalize_batch(x.to(self.device), self.mean, self.std)).float()
+            losses.append(self._loss(logits, y.to(self.device)).item() * len(x))
+            outputs.append((index, logits.cpu()))
+        proba = np.full(self.y_valid.shape, np.nan, dtype=np.float32)
+        for index, logits in outputs:
+            act = torch.sigmoid(logits) if self.config["task"] == "multilabel" else torch.softmax(logits, -1)
+            proba[index.numpy()] = act.numpy()
+        return proba, sum(losses) / max(sum(len(o[0]) for o in outputs), 1)
+
+    def score(self, proba: np.ndarray) -> dict:
+        ok = ~np.isnan(proba).any(axis=1)  # rows skipped as unreadable images are not scored
+        names = ["log_loss", "accuracy"] if self.config["task"] == "multiclass" else ["f2", "map"]
+        task = self.config["task"]
+        return {name: float(metrics_mod.METRICS[name](self.y_valid[ok], proba[ok], task)) for name in names}
+
+    def _write_best(self, proba: np.ndarray) -> None:
+        with atomic_path(self.dir / "weights.pt") as tmp:
+            torch.save(self.model.state_dict(), tmp)
+        oof = pd.DataFrame(proba, columns=self.config["classes"])
+        oof.insert(0, "fold", self.fold)
+        oof.insert(0, "id", self.valid_ids)
+        write_parquet(oof, self.dir / "oof.parquet")
+
+
+
+def mark_complete(run_dir: str | os.PathLike, model_id: str, fold: int, stopped: str | None = None) -> None:
+    """Mark a fold complete: all epochs done, or the whole model stopped early."""
+    metrics = read_metrics(Path(run_dir), model_id, fold)
+    metrics.update(complete=True, stopped=stopped)
+    write_json(metrics, fold_dir(Path(run_dir), model_id, fold) / "metrics.json")
+
+
+def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int, *, cpus: float = 1.0) -> dict:
+    """Bring a fold to `epoch` finished epochs (from its checkpoint) and return that epoch's metrics."""
+    trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
+    trainer.restore()
+    while trainer.epoch < epoch:
+        trainer.train_epoch()
+    row = dict(trainer.history[epoch - 1])
+    row.update(fold=fold, device=os.environ.get("CUDA_VISIBLE_DEVICES", ""), pid=os.getpid())
+    return row
+
+
+def train_fold(config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: float = 1.0) -> FoldResult:
+    """All epochs of one fold in this process (no Ray): the debugging path."""
+    trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
+    trainer.restore()
+    while trainer.epoch < total_epochs(config):
+        trainer.train_epoch()
+    mark_complete(run_dir, config["model_id"], fold)
+    return FoldResult(config["model_id"], fold, trainer.best["epoch"], trainer.best["score"], config["metric"],
+                      trainer.epoch, True)
+
+
+def finalize_model(config: dict, run_dir: str | os.PathLike) -> Path:
+    """When all k folds are complete: the model's oof.parquet (every training id once) and config.json."""
+    model_dir = Path(run_dir) / "models" / config["model_id"]
+    parts = [pd.read_parquet(fold_dir(run_dir, config["model_id"], f) / "oof.parquet") for f in range(config["k"])]
+    oof = pd.concat(parts, ignore_index=True)
+    folds = pd.read_csv(Path(run_dir) / "folds.csv", dtype={"id": str})
+    assert len(oof) == len(folds) and set(oof["id"]) == set(folds["id"]), "OOF rows must cover folds.csv exactly"
+    oof = oof.set_index("id").loc[folds["id"]].reset_index()
+    write_json(config, model_dir / "config.json")
+    write_parquet(oof, model_dir / "oof.parquet")
+    return model_dir

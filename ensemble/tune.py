@@ -1,0 +1,366 @@
+"""The sweep: `python -m ensemble.tune --space NAME` trains every backbone x param set x fold on Ray.
+
+How folds become a unit (docs/design.md has the measurements behind it):
+one Ray Tune trial per *model* (backbone + param set). The trial itself holds
+almost no resources; each epoch it submits one Ray task per fold, with the
+space's per-fold resources (`gpu: 0.5` packs two folds on a GPU), waits for
+all k, and reports the folds' mean metric to Tune. So ASHA and early stopping
+decide per param set, never leaving a model with some folds pruned, and the
+Ray scheduler fills every CPU/GPU of the cluster with fold-epochs of all the
+models in flight. CPU task workers are reused between tasks, so the torch and
+timm imports are paid once per worker, not once per trial.
+
+Resume does not depend on Tune's experiment state (which breaks when a run
+directory moves): every fold continues from its own `last.pt`, and finished or
+pruned models are recognised from `models/<model_id>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble import datasets, folds as folds_mod, spaces
+from ensemble.data import Target, compute_normalization, read_manifest, resolve_target
+from ensemble.errors import UserError
+from ensemble.io import write_csv, write_json
+from ensemble.train import fold_dir, read_metrics, total_epochs
+
+STATUS_FILE = "status.json"  # models/<id>/status.json: {"state": "pruned", ...} for ASHA-stopped models
+
+
+# --------------------------------------------------------------------------- launch-time preparation
+
+
+def prepare_run(space: spaces.Space, run_dir: Path, *, resume: bool, smoke: bool) -> list[dict]:
+    """Validate data, write folds.csv and every model's config.json once; return the model configs."""
+    if resume:
+        if not (run_dir / "space.yaml").exists():
+            raise UserError(f"--resume: {run_dir} holds no sweep (no space.yaml). Drop --resume to start it.")
+        spaces.check_frozen(space, run_dir)
+    elif (run_dir / "space.yaml").exists():
+        raise UserError(
+            f"{run_dir} already holds a sweep. Continue it with --resume, or start another with --name NEW_NAME.")
+    manifest, target = _read_training_manifest(space)
+    frame = _folds_frame(space, manifest, target, run_dir, smoke)
+    spaces.freeze_space(space, run_dir)
+    configs = []
+    for spec in spaces.resolve_models(space):
+        config = _model_config(space, spec, manifest, target, frame, run_dir)
+        path = run_dir / "models" / spec.model_id / "config.json"
+        if not path.exists():
+            write_json(config, path)
+        configs.append(json.loads(path.read_text()))
+    return configs
+
+
+def _read_training_manifest(space: spaces.Space):
+    data = space.raw["data"]
+    target_cfg = data.get("target") or {}
+    manifest_path = _data_path(data["manifest"], space)
+    frame_columns = read_manifest(manifest_path, check_images="none", require_target=False).frame.columns
+    target = resolve_target(frame_columns, form=target_cfg.get("form"), column=target_cfg.get("column"),
+                            maybe_weight=target_cfg.get("maybe_weight", 0.5), source=str(manifest_path))
+    root = _data_path(data["root"], space) if data.get("root") else None
+    manifest = read_manifest(manifest_path, root, target=target, classes=data.get("classes"),
+                             check_images=data.get("check_images", "decode"))
+    return manifest, target
+
+
+def _data_path(value: str, space: spaces.Space) -> Path:
+    if str(value).startswith("demo:"):
+        return datasets.demo_manifest(str(value).split(":", 1)[1])
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (Path(space.path).parent / path).resolve()
+
+
+def _folds_frame(space, manifest, target: Target, run_dir: Path, smoke: bool) -> pd.DataFrame:
+    """folds.csv: made once per sweep, reused on resume (its rows define the sweep's training set)."""
+    path = run_dir / "folds.csv"
+    if path.exists():
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        missing = sorted(set(frame["id"]) - set(manifest.frame["id"]))
+        if missing:
+            raise UserError(f"{path}: {len(missing)} ids are no longer in the manifest {manifest.path} "
+                            f"(first: {missing[:5]}); the data changed since the sweep started: use a new --name.")
+        frame["fold"] = frame["fold"].astype(int)
+        return frame
+    frame = manifest.frame
+    max_rows = space.raw.get("smoke", {}).get("max_rows") if smoke else None
+    if max_rows and len(frame) > max_rows:
+        frame = frame.sample(n=max_rows, random_state=space.raw["seed"]).reset_index(drop=True)
+    sub = manifest.subset(manifest.frame["id"].isin(frame["id"]))
+    cfg = space.raw["folds"]
+    y = sub.targets()
+    fold = folds_mod.make_folds(y if target.task == "multilabel" else y.argmax(1), cfg["k"], cfg["strategy"],
+                                cfg["seed"], groups=sub.groups)
+    columns = ["id", target.column] + (["group"] if "group" in sub.frame else [])
+    out = sub.frame[columns].copy()
+    out.insert(1, "fold", fold)
+    write_csv(out, path)
+    return out
+
+
+def _model_config(space, spec, manifest, target: Target, frame: pd.DataFrame, run_dir: Path) -> dict:
+    """Everything a fold task needs to rebuild this model (written as models/<id>/config.json)."""
+    raw = space.raw
+    data = dict(raw["data"])
+    data.update(manifest=str(manifest.path), root=str(manifest.root),
+                normalize=_normalization(raw, spec, manifest, frame))
+    if data.get("test_manifest"):
+        data["test_manifest"] = str(_data_path(data["test_manifest"], space))
+    stages = raw.get("stages") or [{"epochs": raw["epochs"]}]
+    return {
+        "model_id": spec.model_id, "backbone": spec.backbone, "params": spec.params,
+        "task": target.task, "classes": manifest.classes, "target": target.to_dict(),
+        "k": raw["folds"]["k"], "folds": raw["folds"], "data": data, "stages": stages,
+        "metric": raw["metric"], "mode": raw["mode"], "seed": raw["seed"],
+        "pretrained": raw.get("pretrained", False), "weights": (raw.get("weights") or {}).get(spec.backbone),
+        "resources": raw["resources"], "space": space.name,
+    }
+
+
+def _normalization(raw: dict, spec, manifest, frame: pd.DataFrame) -> dict:
+    norm = raw["data"].get("normalize", "backbone")
+    if isinstance(norm, dict):
+        return {"mean": list(norm["mean"]), "std": list(norm["std"])}
+    if norm == "dataset":
+        return _dataset_normalization(manifest, frame, raw, spec.params["image_size"])
+    from ensemble.models import backbone_normalization
+
+    mean, std = backbone_normalization(spec.backbone)
+    return {"mean": list(mean), "std": list(std)}
+
+
+def _dataset_normalization(manifest, frame, raw, size: int, sample: int = 512) -> dict:
+    from ensemble.data import ImageDataset
+
+    rng = np.random.default_rng(raw["seed"])
+    ids = set(frame["id"])
+    paths = [p for p, i in zip(manifest.image_paths, manifest.frame["id"]) if i in ids]
+    picked = [paths[i] for i in sorted(rng.choice(len(paths), min(sample, len(paths)), replace=False))]
+    dataset = ImageDataset(picked, None, size, preprocess=raw["data"].get("preprocess", "pad"))
+    mean, std = compute_normalization(np.stack([dataset.load(i) for i in range(len(picked))]))
+    return {"mean": list(mean), "std": list(std)}
+
+
+# --------------------------------------------------------------------------- the Tune trainable
+
+
+def model_state(run_dir: Path, config: dict) -> str:
+    """'complete', 'pruned' or 'todo', from the model's own artifacts."""
+    model_dir = run_dir / "models" / config["model_id"]
+    if (model_dir / "oof.parquet").exists():
+        return "complete"
+    status = model_dir / STATUS_FILE
+    if status.exists() and json.loads(status.read_text()).get("state") == "pruned":
+        return "pruned"
+    return "todo"
+
+
+def _fold_epoch_task(config: dict, fold: int, run_dir: str, epoch: int) -> dict:
+    from ensemble.train import train_until
+
+    return train_until(config, fold, run_dir, epoch, cpus=config["resources"].get("cpu", 1))
+
+
+def run_model(tune_config: dict) -> None:
+    """One Tune trial: all k folds of one model, epoch by epoch, reporting the folds' mean."""
+    import ray
+    from ray import tune
+
+    from ensemble.train import finalize_model, mark_complete
+
+    run_dir = Path(tune_config["run_dir"])
+    config = json.loads((run_dir / "models" / tune_config["model_id"] / "config.json").read_text())
+    resources, k, epochs = config["resources"], config["k"], total_epochs(config)
+    metric, mode = config["metric"], config["mode"]
+    task = ray.remote(_fold_epoch_task).options(
+        num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0),
+        # Fold tasks must not be captured by this trial's tiny placement group.
+        scheduling_strategy="DEFAULT",
+        # A GPU worker keeps the CUDA context of the device it started on: never reuse it for another.
+        max_calls=1 if resources.get("gpu", 0) else 0,
+        max_retries=2,
+    )
+    patience = (tune_config.get("early_stopping") or {}).get("patience", 0)
+    best, since_best = None, 0
+    for epoch in range(1, epochs + 1):
+        done = [read_metrics(run_dir, config["model_id"], f) for f in range(k)]
+        if all(m is not None and m["epochs"] >= epoch for m in done):
+            rows = [dict(m["history"][epoch - 1], fold=f) for f, m in enumerate(done)]  # resumed: replay
+        else:
+            rows = ray.get([task.remote(config, f, str(run_dir), epoch) for f in range(k)])
+        score = float(np.mean([r[metric] for r in rows]))
+        report = {metric: score, "epoch": epoch, "folds": k,
+                  **{f"fold{r['fold']}_{metric}": r[metric] for r in rows},
+                  "devices": ",".join(str(r.get("device", "")) for r in rows)}
+        stop = False
+        if best is None or (score < best if mode == "min" else score > best):
+            best, since_best = score, 0
+        else:
+            since_best += 1
+            stop = bool(patience) and since_best >= patience
+        if stop or epoch == epochs:
+            for f in range(k):
+                mark_complete(run_dir, config["model_id"], f, stopped=f"early stop at epoch {epoch}" if stop else None)
+            finalize_model(config, run_dir)
+        tune.report(report)
+        if stop:
+            return
+
+
+def _status_callback(run_dir: Path):
+    from ray import tune
+
+    class MarkPruned(tune.Callback):
+        """Record models that Tune's scheduler (ASHA) stopped, so --resume does not retrain them."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            model_id = trial.config["model_id"]
+            if not (run_dir / "models" / model_id / "oof.parquet").exists():
+                write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
+                           run_dir / "models" / model_id / STATUS_FILE)
+
+    return MarkPruned()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def concurrency(cluster: dict, resources: dict, k: int) -> int:
+    """Models in flight: enough folds to fill every slot, plus one model to fill the gaps at epoch ends."""
+    slots = math.floor(cluster.get("CPU", 1) / resources.get("cpu", 1) + 1e-9)
+    if resources.get("gpu", 0):
+        slots = min(slots, math.floor(cluster.get("GPU", 0) / resources["gpu"] + 1e-9))
+    if slots < 1:
+        raise UserError(f"one fold needs {resources} but the Ray cluster has {cluster}: lower resources in the "
+                        "space file, or pass --gpus-per-trial / join a bigger cluster with --address.")
+    return math.ceil(slots / k) + 1
+
+
+def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke: bool = False,
+              max_concurrent: int | None = None, address: str | None = None, verbose: int = 1) -> pd.DataFrame:
+    """Launch (or resume) a sweep and return its leaderboard."""
+    import ray
+    from ray import tune
+
+    run_dir = run_dir.resolve()
+    configs = prepare_run(space, run_dir, resume=resume, smoke=smoke)
+    states = {c["model_id"]: model_state(run_dir, c) for c in configs}
+    todo = [c["model_id"] for c in configs if states[c["model_id"]] == "todo"]
+    for state in ("complete", "pruned"):
+        skipped = [m for m, s in states.items() if s == state]
+        if skipped:
+            print(f"{len(skipped)} model(s) already {state}, not run again: {', '.join(skipped)}")
+    if todo:
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+        raw = space.raw
+        k = raw["folds"]["k"]
+        limit = max_concurrent or raw.get("max_concurrent") or concurrency(ray.cluster_resources(), raw["resources"], k)
+        scheduler = None
+        if (raw.get("scheduler") or {}).get("type", "none") == "asha":
+            sched = raw["scheduler"]
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="epoch", max_t=total_epochs(configs[0]), grace_period=sched.get("grace_period", 1),
+                reduction_factor=sched.get("reduction_factor", 2))
+        attempt = len(list((run_dir / "tune").glob("attempt-*"))) + 1 if (run_dir / "tune").exists() else 1
+        tuner = tune.Tuner(
+            tune.with_resources(run_model, {"cpu": 0.01}),
+            param_space={"run_dir": str(run_dir), "early_stopping": raw.get("early_stopping"),
+                         "model_id": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,
+                                        max_concurrent_trials=limit, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"attempt-{attempt}", storage_path=str(run_dir / "tune"), verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=raw.get("max_failures", 2)),
+                callbacks=[_status_callback(run_dir)]),
+        )
+        results = tuner.fit()
+        errors = [r for r in results if r.error]
+        if errors:
+            resume_cmd = f"python -m ensemble.tune --space {space.path} --storage {run_dir.parent} --name {run_dir.name} --resume"
+            raise SweepFailed(f"{len(errors)} model(s) failed after retries: "
+                              + "; ".join(f"{r.config['model_id']}: {str(r.error).splitlines()[-1][:300]}" for r in errors)
+                              + f". Fix the cause, then resume with: {resume_cmd}")
+    return leaderboard(run_dir, configs)
+
+
+class SweepFailed(RuntimeError):
+    pass
+
+
+def leaderboard(run_dir: Path, configs: list[dict]) -> pd.DataFrame:
+    """One row per fold of every model: best epoch and monitored metric; plus the model's state."""
+    rows = []
+    for config in configs:
+        state = model_state(run_dir, config)
+        for f in range(config["k"]):
+            m = read_metrics(run_dir, config["model_id"], f) or {}
+            rows.append({"model": config["model_id"], "fold": f, "state": state,
+                         "best_epoch": m.get("best_epoch"), config["metric"]: m.get("best_score")})
+    return pd.DataFrame(rows)
+
+
+def print_leaderboard(board: pd.DataFrame, metric: str, mode: str, run_dir: Path) -> None:
+    per_model = board.groupby(["model", "state"], as_index=False)[metric].mean()
+    per_model = per_model.sort_values(metric, ascending=mode == "min")
+    print("\nLeaderboard (mean over folds):")
+    print(per_model.to_string(index=False))
+    print("\nPer fold:")
+    print(board.to_string(index=False))
+    print(f"\nArtifacts: {run_dir}/models/<model_id>/ (oof.parquet, config.json, fold*/weights.pt)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ensemble.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True, help="a name in tune_spaces/ or a path to a .yaml file")
+    p.add_argument("--storage", default="runs", help="directory holding runs [runs]")
+    p.add_argument("--name", help="run name [the space name, with -smoke under --smoke]")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, small images: a quick end-to-end check")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per fold worker (overrides resources.gpu)")
+    p.add_argument("--max-concurrent", type=int, help="models in flight at once [from the cluster size]")
+    p.add_argument("--address", help="join an existing Ray cluster, e.g. 'auto'")
+    p.add_argument("-v", "--verbose", type=int, default=1, help="Tune progress verbosity 0-3 [1]")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        space = spaces.load_space(args.space)
+        if args.smoke:
+            stand_in = space.raw.get("smoke", {}).get("backbone")
+            space = spaces.apply_smoke(space)
+            if stand_in and space.raw["backbones"] == [stand_in]:
+                print(f"--smoke: training the tiny stand-in backbone {stand_in!r} instead of the space's backbones.")
+        if args.gpus_per_trial is not None:
+            space = spaces.with_resources(space, gpu=args.gpus_per_trial)
+        run_dir = Path(args.storage) / (args.name or (space.name + ("-smoke" if args.smoke else "")))
+        start = time.perf_counter()
+        board = run_sweep(space, run_dir, resume=args.resume, smoke=args.smoke,
+                          max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SweepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_leaderboard(board, space.raw["metric"], space.raw["mode"], run_dir.resolve())
+    print(f"Sweep finished in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
