@@ -30,6 +30,9 @@ from ensemble import views as views_mod
 from ensemble.errors import UserError, format_rows
 from ensemble.io import atomic_path
 
+# We report unreadable images ourselves, naming the manifest row; OpenCV's own stderr lines only confuse.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 FORMS = ("label", "tags", "attribute")
 BAD_IMAGE_POLICIES = ("raise", "skip")
 
@@ -267,19 +270,33 @@ def _check_image_paths(frame: pd.DataFrame, root: Path, path: Path, check_images
 # --------------------------------------------------------------------------- decoding
 
 
+# OpenCV >= 4.10 decodes straight to RGB: no separate full-size colour conversion per image.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def _imread(path: str) -> np.ndarray | None:
+    """RGB image or None. A JPEG without its end marker counts as corrupt: OpenCV
+    would decode a truncated file into a picture with a grey bottom, silently."""
     try:
-        return cv2.imread(path, cv2.IMREAD_COLOR)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
+        return None
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if img is not None and _IMREAD_RGB is None else img
     except cv2.error:
         return None
 
 
 def decode_image(path: str) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB; raises `BadImageError` when it cannot be decoded."""
-    bgr = _imread(path)
-    if bgr is None:
+    img = _imread(path)
+    if img is None:
         raise BadImageError(path)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return img
 
 
 class BadImageError(UserError):
@@ -313,7 +330,7 @@ def normalize_batch(x: torch.Tensor, mean, std) -> torch.Tensor:
     """
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-    return (x.float() - mean) / std
+    return x.float().sub_(mean).div_(std)  # in place on the fresh float copy: one pass less
 
 
 # --------------------------------------------------------------------------- decoded cache
@@ -361,9 +378,10 @@ class DecodedCache:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decode -> preprocess (deterministic, cacheable) -> augment or view -> uint8 CHW tensor.
+    """Decode -> preprocess (deterministic, cacheable) -> augment or view -> uint8 image.
 
-    Each item is `(image uint8 3xSxS or Vx3xSxS with views, target row, index, ok)`;
+    Each item is `(image uint8 SxSx3, or VxSxSx3 with views, target row, index, ok)`;
+    `collate` turns a batch into one N x 3 x S x S (or N x V x 3 x S x S) uint8 tensor;
     `ok` is False for an image that failed to decode under on_bad_image="skip",
     and `collate` drops those rows and reports their indices.
     """
@@ -386,7 +404,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if augment and views:
             raise ValueError("pass augment (training) or views (inference), not both")
         self.paths, self.targets, self.size = paths, targets, image_size
-        self.preprocess = views_mod.parse_views(preprocess)[0] if preprocess else None
+        self.preprocess = self._one_chain(preprocess, "preprocess") if preprocess else "orig"
         self.augment = views_mod.create_augmentation(augment) if augment else None
         self.views = views_mod.parse_views(views) if views else None
         self.n_views = views_mod.count_views(views) if views else 1
@@ -396,14 +414,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @staticmethod
+    def _one_chain(spec: str, what: str) -> str:
+        chains = views_mod.parse_views(spec)
+        if len(chains) != 1 or views_mod.count_views(spec) != 1:
+            raise UserError(f"{what} must be one chain giving one image (e.g. 'pad' or 'facecrop+pad'); "
+                            f"got {spec!r}: put several views under 'tta' instead.")
+        return chains[0]
+
     def load(self, i: int) -> np.ndarray:
         """The preprocessed SxS uint8 image, from the cache when it holds it."""
         img = self.cache.get(i) if self.cache is not None else None
         if img is None:
-            img = decode_image(self.paths[i])
-            if self.preprocess:
-                img = views_mod.apply_chain(img, self.preprocess)[0]
-            img = views_mod.resize_square(img, self.size)
+            img = views_mod.apply_chain_resized(decode_image(self.paths[i]), self.preprocess, self.size)[0]
             if self.cache is not None:
                 self.cache.put(i, img)
         return img
@@ -415,15 +438,15 @@ class ImageDataset(torch.utils.data.Dataset):
         except BadImageError:
             if self.on_bad_image == "raise":
                 raise
-            shape = (self.n_views, 3, self.size, self.size) if self.views else (3, self.size, self.size)
-            return torch.zeros(shape, dtype=torch.uint8), target, i, False
+            shape = (self.n_views, self.size, self.size, 3) if self.views else (self.size, self.size, 3)
+            return np.zeros(shape, np.uint8), target, i, False
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, i))
             img = views_mod.resize_square(self.augment(img, rng), self.size)
         if self.views is not None:
-            imgs = [views_mod.resize_square(v, self.size) for chain in self.views for v in views_mod.apply_chain(img, chain)]
-            return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), target, i, True
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), target, i, True
+            imgs = [v for chain in self.views for v in views_mod.apply_chain_resized(img, chain, self.size)]
+            return np.stack(imgs), target, i, True
+        return img, target, i, True
 
 def collate(batch):
     """Stack good rows; report the dataset indices of images skipped as unreadable."""
@@ -431,7 +454,8 @@ def collate(batch):
     skipped = [b[2] for b in batch if not b[3]]
     if not good:
         return None, None, torch.zeros(0, dtype=torch.long), skipped
-    x = torch.stack([b[0] for b in good])
+    # One numpy stack of channels-last images, then one transposing copy for the whole batch.
+    x = torch.from_numpy(np.stack([b[0] for b in good])).movedim(-1, -3).contiguous()
     y = torch.from_numpy(np.stack([b[1] for b in good])).float()
     return x, y, torch.tensor([b[2] for b in good]), skipped
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ensemble.io import atomic_path, write_csv
+from ensemble.io import write_csv
 
 VARIANTS = ("multiclass", "multilabel", "grouped")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -97,8 +97,8 @@ def _build_frames(digits: np.ndarray) -> dict[str, pd.DataFrame]:
 def export_demo_data(root: str | os.PathLike | None = None) -> Path:
     """Write the 5,000 digits as PNG files and the four manifests under `root`.
 
-    Files are written atomically, and the stamp file last, so an interrupted
-    export is detected and redone on the next call.
+    The stamp file is written last, so an interrupted export is detected and
+    redone on the next call.
     """
     root = Path(root) if root is not None else data_dir()
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -107,11 +107,9 @@ def export_demo_data(root: str | os.PathLike | None = None) -> Path:
     pixels, digits = _mnist_5k()
     frames = _build_frames(digits)
     for i, img in enumerate(pixels):
-        path = root / "images" / f"d{i:04d}.png"
-        with atomic_path(path) as tmp:
-            ok, buf = cv2.imencode(".png", img)
-            assert ok
-            tmp.write_bytes(buf.tobytes())
+        # No temp file per image: the stamp, written last, is what marks the export complete,
+        # and a half-written PNG fails the decode check in _export_is_complete.
+        cv2.imwrite(str(root / "images" / f"d{i:04d}.png"), img)
     for name, frame in frames.items():
         write_csv(frame, root / f"{name}.csv")
     stamp.write_text(f"{_VERSION} {len(pixels)}\n")

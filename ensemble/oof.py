@@ -133,7 +133,7 @@ def _check_values(path: Path, frame: pd.DataFrame, classes: list[str], task: str
         if bad.any():
             raise UserError(f"{path}: multiclass rows must sum to 1 (within {ROW_SUM_TOL}); {_some(ids[bad])} "
                             f"sum to e.g. {sums[bad][0]:.6g}. Write softmax probabilities over all classes.")
-        values /= sums[:, None]
+        values = values / sums[:, None]
     return values
 
 

@@ -422,3 +422,18 @@ def test_register_view_rejects_bad_registrations(user_ops):
     register_view("to_float")(lambda img: img / 255.0)
     with pytest.raises(ValueError, match="output of view op 'to_float'"):
         apply_chain(DIGIT, "to_float")
+
+
+def test_letterbox_equals_pad_then_resize_up_to_interpolation():
+    from skimage import data
+
+    from ensemble.views import apply_chain_resized, letterbox
+
+    coffee = np.ascontiguousarray(data.coffee())  # 400 x 600: pads top and bottom
+    fast = apply_chain_resized(coffee, "pad", 96)[0]
+    slow = resize_square(apply_chain(coffee, "pad")[0], 96)
+    assert fast.shape == slow.shape == (96, 96, 3)
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2.0
+    assert (fast[:15] == 0).all() and (fast[-15:] == 0).all()  # the black bands, content untouched
+    assert apply_chain_resized(coffee, "hflip", 64)[0].shape == (64, 64, 3)
+    assert letterbox(coffee, 600).shape == (600, 600, 3)

@@ -1,0 +1,116 @@
+"""Synthetic run directories for the stacking tests: folds.csv + models/*/{config.json, oof.parquet, test.parquet}.
+
+Each model's predictions are a noisy, per-class-weighted view of the truth, so
+models differ in quality, are complementary (each is strong on different
+classes) and some are over- or under-confident: averaging, selection and
+stacking all have something to gain. Everything is derived from `seed`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# (signal, noise, temperature) per model: the signal is modulated per class so models are complementary.
+MODELS = {
+    "resnet-a1": (1.5, 1.0, 1.0),
+    "effnet-b2": (1.4, 1.0, 0.7),  # over-confident
+    "convnext-c3": (1.3, 1.1, 1.4),  # under-confident
+    "vit-d4": (0.9, 1.2, 1.0),  # weak
+}
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def make_truth(task: str, n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """0/1 truth rows: one class per row (multiclass) or labels with decreasing prevalence (multilabel)."""
+    if task == "multiclass":
+        return np.eye(n_classes)[rng.integers(0, n_classes, n)]
+    prevalence = np.linspace(0.6, 0.08, n_classes)
+    y = rng.random((n, n_classes)) < prevalence
+    y[~y.any(axis=1), 0] = True  # every image has at least one tag, as in Planet
+    return y.astype(float)
+
+
+def make_predictions(y: np.ndarray, task: str, models: dict, rng: np.random.Generator) -> np.ndarray:
+    """models x rows x classes probabilities derived from noisy views of y.
+
+    Half of each model's noise is shared by all models (hard images are hard for
+    every backbone), so combining helps, but only so much.
+    """
+    n, n_classes = y.shape
+    shared = rng.standard_normal((n, n_classes))
+    out = []
+    for m, (signal, noise, temperature) in enumerate(models.values()):
+        strength = signal * (1 + 0.5 * np.cos(np.arange(n_classes) * 1.7 + m * 2.1))
+        own = rng.standard_normal((n, n_classes))
+        z = (2 * y - 1) * strength + noise * np.sqrt(0.5) * (shared + own)
+        z = z / temperature
+        out.append(_softmax(z) if task == "multiclass" else 1 / (1 + np.exp(-(z - 1.0))))
+    return np.array(out)
+
+
+def write_run(root, task: str = "multiclass", n: int = 400, n_test: int = 50, k: int = 4, n_classes: int = 4,
+              models: dict | None = None, seed: int = 0, form: str | None = None, tta: tuple = (),
+              shuffle: bool = True) -> Path:
+    """Write a complete fake run under `root` and return its path.
+
+    form: "label" (multiclass default), "attribute" (multiclass, 'nnynn' strings with some 'm')
+    or "tags" (multilabel). tta: model ids that also get an oof_tta.parquet (slightly better).
+    """
+    models = MODELS if models is None else models
+    form = form or ("tags" if task == "multilabel" else "label")
+    rng = np.random.default_rng(seed)
+    run = Path(root)
+    classes = [f"cls{c}" for c in range(n_classes)] if form != "attribute" else [f"c{c}" for c in range(n_classes)]
+    y = make_truth(task, n, n_classes, rng)
+    ids = np.array([f"img{i:05d}" for i in range(n)])
+    folds = rng.permutation(n) % k
+    column = {"label": "label", "tags": "tags", "attribute": "collar"}[form]
+    if form == "label":
+        target = np.array(classes)[y.argmax(axis=1)]
+    elif form == "tags":
+        target = [" ".join(np.array(classes)[row > 0]) for row in y]
+    else:
+        chars = np.where(y > 0, "y", "n").astype(object)
+        maybe = (rng.random((n, n_classes)) < 0.1) & (y == 0)
+        chars[maybe] = "m"
+        target = ["".join(row) for row in chars]
+    run.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": ids, "fold": folds, column: target}).to_csv(run / "folds.csv", index=False)
+    oof = make_predictions(y, task, models, rng)
+    test = make_predictions(make_truth(task, n_test, n_classes, rng), task, models, rng)
+    test_ids = np.array([f"test{i:04d}" for i in range(n_test)])
+    for m, model_id in enumerate(models):
+        d = run / "models" / model_id
+        d.mkdir(parents=True, exist_ok=True)
+        config = {"model_id": model_id, "backbone": model_id.split("-")[0], "task": task, "classes": classes,
+                  "k": k, "target": {"form": form, "column": column, "maybe_weight": 0.5}}
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        order = rng.permutation(n) if shuffle else np.arange(n)  # OOF files come in any row order
+        frame = pd.DataFrame(oof[m][order], columns=classes)
+        frame.insert(0, "fold", folds[order])
+        frame.insert(0, "id", ids[order])
+        frame.to_parquet(d / "oof.parquet", index=False)
+        if model_id in tta:
+            sharper = make_predictions(y, task, {model_id: models[model_id]}, np.random.default_rng(seed + 99))[0]
+            tta_frame = frame.copy()
+            tta_frame[classes] = (0.5 * oof[m] + 0.5 * sharper)[order]
+            tta_frame.to_parquet(d / "oof_tta.parquet", index=False)
+        t = pd.DataFrame(test[m], columns=classes)
+        t.insert(0, "id", test_ids)
+        t.to_parquet(d / "test.parquet", index=False)
+    return run
+
+
+def write_noise_run(root, n: int = 800, k: int = 4, n_classes: int = 4, n_models: int = 3, seed: int = 0) -> Path:
+    """A multiclass run whose OOF predictions are pure noise (independent of the truth)."""
+    run = write_run(root, "multiclass", n=n, k=k, n_classes=n_classes, seed=seed,
+                    models={f"noise-{m}": (0.0, 1.0, 1.0) for m in range(n_models)})
+    return run
