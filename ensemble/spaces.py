@@ -44,7 +44,8 @@ DOMAINS = {"grid": "[v1, v2, ...]", "choice": "[v1, v2, ...]", "uniform": "[low,
 SIGNIFICANT_DIGITS = 4  # sampled floats are rounded, so ids and logs stay readable and stable
 REPO_SPACES = Path(ensemble.__file__).resolve().parent.parent / "tune_spaces"
 REQUIRED, OMIT = object(), object()  # defaults: the key must be given / stays absent unless given
-UNCHECKED = ("description",)  # the keys a resumed run may change
+# Keys a resumed run may change: they decide where folds run, never what they compute.
+UNCHECKED = ("description", "resources", "max_concurrent")
 
 
 # --------------------------------------------------------------------------- value checks
@@ -135,13 +136,12 @@ def _view_spec(role: str):
 def _normalize(value):
     if value in ("backbone", "dataset"):
         return value
-    try:
-        assert isinstance(value, dict) and set(value) == {"mean", "std"}
-        assert all(isinstance(v, list) and len(v) == 3 for v in value.values())
+    if isinstance(value, dict) and set(value) == {"mean", "std"} and \
+            all(isinstance(v, list) and len(v) == 3 for v in value.values()):
         unit, positive = _number(float, 0, 1), _number(float, 0, lo_open=True)
-        return {"mean": [unit(v) for v in value["mean"]], "std": [positive(v) for v in value["std"]]}
-    except (AssertionError, ValueError):
-        raise ValueError("'backbone', 'dataset' or {mean: [r, g, b], std: [r, g, b]} on the 0-1 scale") from None
+        with contextlib.suppress(ValueError):
+            return {"mean": [unit(v) for v in value["mean"]], "std": [positive(v) for v in value["std"]]}
+    raise ValueError("'backbone', 'dataset' or {mean: [r, g, b], std: [r, g, b]} on the 0-1 scale")
 
 
 def _gpu(value):
@@ -195,11 +195,12 @@ def _domain(key: str, check: Callable):
             raise ValueError("exactly one of " + ", ".join(f"{{{kind}: {form}}}" for kind, form in DOMAINS.items()))
         (kind, args), = value.items()
         if kind in ("grid", "choice"):
+            if not (isinstance(args, list) and args):
+                raise _Invalid(f"{kind} needs a non-empty list of values; found {args!r}")
             try:
-                assert isinstance(args, list) and args
                 return {kind: [check(a) for a in args]}
-            except (AssertionError, ValueError) as e:
-                raise _Invalid(f"{kind} needs a non-empty list of {e or 'values'}; found {args!r}") from None
+            except ValueError as e:
+                raise _Invalid(f"every {kind} value must be {e}; found {args!r}") from None
         fits = {"float": ("uniform", "loguniform", "quniform", "randint"), "int": ("randint",)}
         fits = fits.get(getattr(check, "kind", None), ())
         if kind not in fits:
@@ -210,7 +211,7 @@ def _domain(key: str, check: Callable):
             raise _Invalid(f"{kind} needs {DOMAINS[kind]}; found {args!r}")
         if nums[0] >= nums[1] or kind == "loguniform" and nums[0] <= 0 or kind == "quniform" and nums[2] <= 0:
             need = {"loguniform": "0 < low < high", "quniform": "low < high and q > 0"}.get(kind, "low < high")
-            raise _Invalid(f"{kind} needs {need}; found {args!r}")
+            raise _Invalid(f"{kind} needs {need}; found {nums}")
         try:
             check(nums[0]), check(nums[1] - 1 if kind == "randint" else nums[1])
         except ValueError as e:
@@ -304,8 +305,10 @@ def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
     for key in given:
         if key not in schema:
             close = difflib.get_close_matches(str(key), list(schema), 1)
-            raise UserError(f"{file}: unknown key {key!r} {f'in {path!r}' if path else 'at top level'}."
-                            f"{f' Did you mean {close[0]!r}?' if close else ''} Allowed: {list(schema)}.")
+            homes = [name for name, sub in schema.items() if isinstance(sub, dict) and key in sub]
+            hint = f" Did you mean {close[0]!r}?" if close else f" It belongs in {' or '.join(homes)}." if homes else ""
+            raise UserError(f"{file}: unknown key {key!r} {f'in {path!r}' if path else 'at top level'}.{hint} "
+                            f"Allowed: {list(schema)}.")
     out = {}
     for key, rule in schema.items():
         here, value = f"{path}.{key}" if path else key, given.get(key)
@@ -324,7 +327,8 @@ def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
             try:
                 out[key] = rule.check(value)
             except _Invalid as e:
-                raise UserError(f"{file}: '{here}': {e}.") from None
+                text = str(e).rstrip(".") + ("" if str(e).endswith("?") else ".")
+                raise UserError(f"{file}: '{here}': {text}") from None
             except ValueError as e:
                 raise UserError(f"{file}: '{here}' must be {e}; found {value!r}.") from None
     return out
@@ -364,6 +368,7 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         fail("'weights' are given but 'pretrained' is false; set pretrained: true to load them.")
     if set(given.get("params") or {}) & set(raw["search"]):
         fail(f"{sorted(set(given['params']) & set(raw['search']))} in both 'params' and 'search'; keep one.")
+    raw["params"] = {k: v for k, v in params.items() if k not in raw["search"]}  # the fixed ones
     if task == "multiclass" and params["pos_weight"] is not None:
         fail("'params.pos_weight' is for multilabel targets (data.target.form: tags); set it to null.")
 
@@ -408,7 +413,7 @@ def _manifest_columns(manifest: str) -> tuple[str, ...] | None:
         if Path(manifest).suffix.lower() in (".parquet", ".pq"):
             import pyarrow.parquet as pq
             return tuple(pq.read_schema(manifest).names)
-        with open(manifest, newline="") as f:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
             return tuple(next(csv.reader(f)))
     return None
 
@@ -443,7 +448,7 @@ class Section(dict):
 def _section(value):
     if isinstance(value, dict):
         return Section({k: _section(v) for k, v in value.items()})
-    return tuple(_section(v) for v in value) if isinstance(value, list) else value
+    return [_section(v) for v in value] if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -456,13 +461,13 @@ class Space:
     data: Section  # manifest, root, test_manifest, target {form, column, maybe_weight}, classes, on_bad_image,
     #                check_images, preprocess, augment, tta, normalize, cache
     folds: Section  # k, strategy, seed
-    backbones: tuple[str, ...]
+    backbones: list[str]
     weights: Section  # backbone -> absolute weight file path
     pretrained: bool
-    params: Section  # every fixed param, defaults filled
+    params: Section  # every param not in `search`, defaults filled
     search: Section  # searched param -> {domain: args}
     epochs: int  # the stages' sum
-    stages: tuple[Section, ...]  # epochs, freeze, lr_scale, augment, preprocess: always at least one
+    stages: list[Section]  # epochs, freeze, lr_scale, augment, preprocess: always at least one
     metric: str
     mode: str
     scheduler: Section  # type, grace_period, reduction_factor
@@ -613,13 +618,25 @@ def apply_smoke(space: Space) -> Space:
     raw["backbones"] = list(dict.fromkeys(
         stand_in if _n_params(b) > _n_params(stand_in) else b for b in raw["backbones"]))
     raw["weights"], raw["pretrained"] = {}, False  # smoke runs stay offline: they test the pipeline
-    raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])
+    raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])  # search's are dropped
     raw["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in raw["stages"][:2]]
     raw["epochs"] = sum(stage["epochs"] for stage in raw["stages"])
     raw["scheduler"]["grace_period"] = min(raw["scheduler"]["grace_period"], raw["epochs"])
     raw["folds"]["k"], raw["num_samples"] = min(raw["folds"]["k"], 3), 1
     raw["search"] = {k: {"grid": d["grid"][:1]} if "grid" in d else d
                      for k, d in raw["search"].items() if k not in ("image_size", "batch_size")}
+    return _space(space.name, space.path, raw)
+
+
+def with_resources(space: Space, *, cpu: float | None = None, gpu: float | None = None) -> Space:
+    """The space with resources.cpu / resources.gpu overridden (e.g. by a CLI flag), checked as in a file."""
+    raw = copy.deepcopy(space.raw)
+    for key, value in (("cpu", cpu), ("gpu", gpu)):
+        if value is not None:
+            try:
+                raw["resources"][key] = SCHEMA["resources"][key].check(value)
+            except ValueError as e:
+                raise UserError(f"The resources.{key} override must be {e}; found {value!r}.") from None
     return _space(space.name, space.path, raw)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ensemble.errors import UserError
 from ensemble.metrics import Metric, fbeta_name, get_metric
@@ -105,12 +106,12 @@ class _Booster:
         multi = self.task == "multiclass"
         if self.method == "lgbm":
             return {"objective": "multiclass" if multi else "binary", **({"num_class": self.n_classes} if multi else {}),
-                    "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 20, "feature_fraction": 0.8,
-                    "lambda_l2": 1.0, "verbose": -1, "seed": self.seed, "deterministic": True, "num_threads": 2}
+                    "learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 20, "feature_fraction": 0.8,
+                    "lambda_l2": 1.0, "verbose": -1, "seed": self.seed, "deterministic": True, "num_threads": 1}
         return {"objective": "multi:softprob" if multi else "binary:logistic",
-                **({"num_class": self.n_classes} if multi else {}), "eta": 0.05, "max_depth": 3,
+                **({"num_class": self.n_classes} if multi else {}), "eta": 0.1, "max_depth": 3,
                 "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8, "lambda": 1.0,
-                "tree_method": "hist", "nthread": 2, "seed": self.seed}
+                "tree_method": "hist", "nthread": 1, "seed": self.seed}
 
     def _train_one(self, X, y, X_val, y_val):
         import lightgbm as lgb
@@ -123,13 +124,13 @@ class _Booster:
             train = lgb.Dataset(Xt, yt, weight=wt, free_raw_data=False)
             valid = lgb.Dataset(Xv, yv, weight=wv, reference=train)
             probe = lgb.train(params, train, self.max_rounds, valid_sets=[valid],
-                              callbacks=[lgb.early_stopping(30, verbose=False)])
+                              callbacks=[lgb.early_stopping(20, verbose=False)])
             rounds = max(1, probe.best_iteration)
             Xa, ya, wa = _expand_soft(np.vstack([X, X_val]), np.concatenate([y, y_val]), self.task)
             return lgb.train(params, lgb.Dataset(Xa, ya, weight=wa), rounds)
         train, valid = xgb.DMatrix(Xt, yt, weight=wt), xgb.DMatrix(Xv, yv, weight=wv)
         probe = xgb.train(params, train, self.max_rounds, evals=[(valid, "valid")],
-                          early_stopping_rounds=30, verbose_eval=False)
+                          early_stopping_rounds=20, verbose_eval=False)
         Xa, ya, wa = _expand_soft(np.vstack([X, X_val]), np.concatenate([y, y_val]), self.task)
         return xgb.train(params, xgb.DMatrix(Xa, ya, weight=wa), probe.best_iteration + 1)
 
@@ -170,15 +171,25 @@ class _Booster:
 
 
 class _Linear:
-    """Ridge (a linear blend of probabilities) or logistic regression, on standardised features."""
+    """Ridge (a linear blend of probabilities) or logistic regression, on standardised features.
+
+    Ridge picks its L2 strength by generalised cross-validation (RidgeCV) on all
+    training rows; logistic regression picks C on the inner fold, then refits
+    on all training rows.
+    """
+
+    C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 
     def __init__(self, method: str, task: str, n_classes: int, seed: int):
         self.method, self.task, self.n_classes, self.seed = method, task, n_classes, seed
 
     def fit(self, X, y, X_val, y_val) -> "_Linear":
-        from sklearn.linear_model import LogisticRegression, RidgeCV
+        from sklearn.linear_model import RidgeCV
 
-        X, y = np.vstack([X, X_val]), np.concatenate([y, y_val])  # no early stopping: use all training rows
+        from ensemble.metrics import log_loss
+
+        n_fit = len(X)
+        X, y = np.vstack([X, X_val]), np.concatenate([y, y_val])
         self.mean = X.mean(axis=0)
         self.scale = X.std(axis=0)
         self.scale[self.scale == 0] = 1.0
@@ -186,13 +197,32 @@ class _Linear:
         if self.method == "ridge":
             model = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(Z, y)
             self.coef, self.intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
+            self.C = float(model.alpha_)
             return self
+        losses = []
+        for C in self.C_GRID:
+            self._fit_logreg(Z[:n_fit], y[:n_fit], C)
+            losses.append(log_loss(y[n_fit:], self.predict(X[n_fit:]), self.task))
+        self.C = self.C_GRID[int(np.argmin(losses))]
+        self._fit_logreg(Z, y, self.C)
+        return self
+
+    def _fit_logreg(self, Z, y, C) -> None:
+        from sklearn.linear_model import LogisticRegression
+
         self.coef = np.zeros((self.n_classes, Z.shape[1]))
         self.intercept = np.zeros(self.n_classes)
-        columns = [None] if self.task == "multiclass" else range(self.n_classes)
-        for j in columns:
+        for j in [None] if self.task == "multiclass" else range(self.n_classes):
             Ze, labels, weight = _expand_soft(Z, y if j is None else y[:, j], self.task)
-            model = LogisticRegression(C=1.0, max_iter=2000, random_state=self.seed).fit(Ze, labels, sample_weight=weight)
+            if len(np.unique(labels)) < 2:  # one class only in these rows: a constant at its smoothed rate
+                rate = (y[:, j].sum() + 0.5) / (len(y) + 1) if j is not None else 1.0
+                if j is not None:
+                    self.intercept[j] = np.log(rate / (1 - rate))
+                else:
+                    self.intercept[:] = -20.0
+                    self.intercept[int(labels[0])] = 0.0
+                continue
+            model = LogisticRegression(C=C, max_iter=2000, random_state=self.seed).fit(Ze, labels, sample_weight=weight)
             if j is None:  # multiclass: map the classes seen in these rows back to all classes
                 seen = model.classes_.astype(int)
                 coef = model.coef_ if len(seen) > 2 else np.vstack([np.zeros_like(model.coef_), model.coef_])
@@ -201,7 +231,6 @@ class _Linear:
                 self.coef[seen], self.intercept[seen] = coef, icpt
             else:
                 self.coef[j], self.intercept[j] = model.coef_[0], model.intercept_[0]
-        return self
 
     def predict(self, X) -> np.ndarray:
         z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -216,12 +245,13 @@ class _Linear:
         import io
 
         buf = io.BytesIO()
-        np.savez(buf, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept)
+        np.savez(buf, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept, C=self.C)
         return {"coef.npz": buf.getvalue()}
 
     def load(self, folder: Path, n_boosters: int = 0) -> "_Linear":
         with np.load(folder / "coef.npz") as npz:
             self.mean, self.scale, self.coef, self.intercept = (npz[k] for k in ("mean", "scale", "coef", "intercept"))
+            self.C = float(npz["C"])
         return self
 
 
@@ -261,31 +291,37 @@ def fit_meta(method: str, oof: np.ndarray, y_true: np.ndarray, folds: np.ndarray
     X, X_test = stack_features(oof, task, kind, entropy), stack_features(test, task, kind, entropy)
     n_classes = y_true.shape[1]
     fold_values = np.unique(folds)
-    if len(fold_values) < 3 and method in ("lgbm", "xgb"):
-        raise UserError(f"{method} needs at least 3 folds (one held out, one for early stopping); folds.csv has "
+    if len(fold_values) < 3:
+        raise UserError(f"{method} needs at least 3 folds (one held out, one inner fold for early stopping or "
+                        f"tuning); folds.csv has "
                         f"{len(fold_values)}.")
     result = MetaFit(method, np.zeros_like(y_true), np.zeros((len(X_test), n_classes)), np.zeros_like(y_true))
-    for i, f in enumerate(fold_values):
-        inner = fold_values[(i + 1) % len(fold_values)]  # early-stopping rows: another training fold
-        train, valid = (folds != f) & (folds != inner), folds == inner
-        model = create_meta_model(method, task, n_classes, smoke, seed)
-        constant = {}
-        if task == "multilabel":  # a label that never (or always) occurs in these rows gets its smoothed rate
-            seen = y_true[folds != f]
-            rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
-            constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
-        model.fit(X[train], y_true[train], X[valid], y_true[valid])
-        result.fold_models[f.item()] = model
-        result.constant[f.item()] = constant
-        held = folds == f
-        result.oof[held] = _predict_fold(model, constant, X[held])
-        result.test += _predict_fold(model, constant, X_test) / len(fold_values)
-        result.in_sample += _predict_fold(model, constant, X) / len(fold_values)
+    with threadpool_limits(1):  # small problems: threads cost more than they give (LightGBM/XGBoost use 1 too)
+        for i, f in enumerate(fold_values):
+            _fit_fold(result, method, i, fold_values, X, X_test, y_true, folds, task, smoke, seed)
     result.spec = {"method": method, "task": task, "features": {"kind": kind, "entropy": entropy},
                    "folds": [f.item() for f in fold_values],
                    "boosters_per_fold": (1 if task == "multiclass" else n_classes) if method in ("lgbm", "xgb") else 0,
                    "constant_labels": {str(f): c for f, c in result.constant.items()}}
     return result
+
+
+def _fit_fold(result: MetaFit, method, i, fold_values, X, X_test, y_true, folds, task, smoke, seed) -> None:
+    """Fit fold `fold_values[i]`'s model on the other folds and add its predictions to `result`."""
+    f = fold_values[i]
+    inner = fold_values[(i + 1) % len(fold_values)]  # early-stopping / tuning rows: another training fold
+    train, valid, held = (folds != f) & (folds != inner), folds == inner, folds == f
+    constant = {}
+    if task == "multilabel":  # a label that never (or always) occurs in the training rows gets its smoothed rate
+        seen = y_true[~held]
+        rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
+        constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
+    model = create_meta_model(method, task, y_true.shape[1], smoke, seed).fit(X[train], y_true[train], X[valid], y_true[valid])
+    result.fold_models[f.item()] = model
+    result.constant[f.item()] = constant
+    result.oof[held] = _predict_fold(model, constant, X[held])
+    result.test += _predict_fold(model, constant, X_test) / len(fold_values)
+    result.in_sample += _predict_fold(model, constant, X) / len(fold_values)
 
 
 def _predict_fold(model, constant: dict, X: np.ndarray) -> np.ndarray:

@@ -211,7 +211,9 @@ class FoldTrainer:
 
     def train_epoch(self) -> dict:
         """Train epoch `self.epoch`, evaluate the held-out fold, checkpoint; returns its metrics."""
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
+        # Who is training what, right now: for `ps`-style monitoring (and the worker-kill test).
+        write_json({"pid": os.getpid(), "epoch": self.epoch, "started": started}, self.dir / "running.json")
         index, stage, stage_epoch = stage_of(self.config, self.epoch)
         if index != self._stage_index:
             self._enter_stage(index, stage)
@@ -243,7 +245,9 @@ class FoldTrainer:
         proba, valid_loss = self.predict_valid(stage)
         self.epoch += 1
         row = {"epoch": self.epoch, "train_loss": total / max(count, 1), "loss": valid_loss,
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+               "lr": self.optimizer.param_groups[0]["lr"], "started": started, "seconds": time.perf_counter() - start,
+               # The device Ray assigned this fold (CUDA_VISIBLE_DEVICES), for placement checks.
+               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         row.update(self.score(proba))
         self.history.append(row)
         score = row[self.config["metric"]]
@@ -252,6 +256,7 @@ class FoldTrainer:
             self._write_best(proba)
         self._save()
         self._write_metrics(complete=self.epoch >= total_epochs(self.config))
+        (self.dir / "running.json").unlink(missing_ok=True)
         return row
 
     @torch.no_grad()
@@ -302,9 +307,7 @@ def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int,
     trainer.restore()
     while trainer.epoch < epoch:
         trainer.train_epoch()
-    row = dict(trainer.history[epoch - 1])
-    row.update(fold=fold, device=os.environ.get("CUDA_VISIBLE_DEVICES", ""), pid=os.getpid())
-    return row
+    return dict(trainer.history[epoch - 1], fold=fold)
 
 
 def train_fold(config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: float = 1.0) -> FoldResult:

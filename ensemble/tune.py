@@ -181,15 +181,16 @@ def run_model(tune_config: dict) -> None:
 
     run_dir = Path(tune_config["run_dir"])
     config = json.loads((run_dir / "models" / tune_config["model_id"] / "config.json").read_text())
-    resources, k, epochs = config["resources"], config["k"], total_epochs(config)
+    # Resources come from the launch, not config.json: a resumed sweep may run on other hardware.
+    resources, k, epochs = tune_config["resources"], config["k"], total_epochs(config)
+    config["resources"] = resources
     metric, mode = config["metric"], config["mode"]
-    task = ray.remote(_fold_epoch_task).options(
+    # A GPU worker keeps the CUDA context of the device it started on: never reuse it for another.
+    task = ray.remote(max_calls=1 if resources.get("gpu", 0) else 0)(_fold_epoch_task).options(
         num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0),
         # Fold tasks must not be captured by this trial's tiny placement group.
         scheduling_strategy="DEFAULT",
-        # A GPU worker keeps the CUDA context of the device it started on: never reuse it for another.
-        max_calls=1 if resources.get("gpu", 0) else 0,
-        max_retries=2,
+        max_retries=2,  # a killed worker process: rerun the epoch from the fold's last.pt
     )
     patience = (tune_config.get("early_stopping") or {}).get("patience", 0)
     best, since_best = None, 0
@@ -278,7 +279,7 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
         tuner = tune.Tuner(
             tune.with_resources(run_model, {"cpu": 0.01}),
             param_space={"run_dir": str(run_dir), "early_stopping": raw.get("early_stopping"),
-                         "model_id": tune.grid_search(todo)},
+                         "resources": dict(raw["resources"]), "model_id": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,
                                         max_concurrent_trials=limit, reuse_actors=True),
             run_config=tune.RunConfig(

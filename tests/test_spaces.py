@@ -35,6 +35,10 @@ def write_space(tmp_path: Path, changes: dict | None = None, name: str = "s", ba
     return path
 
 
+def load(tmp_path: Path, changes: dict | None = None, name: str = "s", base: dict = BASE) -> spaces.Space:
+    return load_space(str(write_space(tmp_path, changes, name, base)))
+
+
 def load_error(tmp_path: Path, changes: dict, base: dict = BASE) -> str:
     path = write_space(tmp_path, changes, base=base)
     with pytest.raises(UserError) as info:
@@ -77,7 +81,7 @@ def test_shipped_spaces_other_than_demo_document_their_manifest():
 
 def test_demo_space_resolved_fields():
     space = load_space("demo")
-    assert space.backbones == ("test_resnet", "test_efficientnet")
+    assert space.backbones == ["test_resnet", "test_efficientnet"]
     assert dict(space.folds) == {"k": 3, "strategy": "stratified", "seed": 0}
     assert space.task == "multiclass" and space.mode == "min"
     assert space.data.target == {"form": "label", "column": "label", "maybe_weight": 0.5}
@@ -120,11 +124,12 @@ SEARCH = {"backbones": ["test_resnet", "test_efficientnet"], "num_samples": 3,
 
 
 def test_grid_times_num_samples_per_backbone(tmp_path):
-    models = resolve_models(load_space(str(write_space(tmp_path, SEARCH))))
+    models = resolve_models(load(tmp_path, SEARCH))
     assert len(models) == 2 * 3 * 2 * 2 == len({m.model_id for m in models})
     first = [m for m in models if m.backbone == "test_resnet"]
     # order: sample, then grid combination (keys sorted: batch_size, dropout)
-    assert [(m.params["batch_size"], m.params["dropout"]) for m in first[:4]] == [(8, 0.0), (8, 0.5), (16, 0.0), (16, 0.5)]
+    grid = [(m.params["batch_size"], m.params["dropout"]) for m in first[:4]]
+    assert grid == [(8, 0.0), (8, 0.5), (16, 0.0), (16, 0.5)]
     for m in models:
         assert 1e-5 <= m.params["lr"] <= 1e-3 and m.params["lr"] == float(f"{m.params['lr']:.4g}")
         assert m.params["warmup_epochs"] in (0, 1, 2) and isinstance(m.params["warmup_epochs"], int)
@@ -134,25 +139,25 @@ def test_grid_times_num_samples_per_backbone(tmp_path):
 
 
 def test_same_seed_same_models_other_seed_other_samples(tmp_path):
-    same = [resolve_models(load_space(str(write_space(tmp_path, SEARCH, name=n)))) for n in ("a", "b")]
+    same = [resolve_models(load(tmp_path, SEARCH, name=n)) for n in ("a", "b")]
     assert same[0] == same[1]
-    other = resolve_models(load_space(str(write_space(tmp_path, {**SEARCH, "seed": 1}, name="c"))))
+    other = resolve_models(load(tmp_path, {**SEARCH, "seed": 1}, name="c"))
     assert [m.params["lr"] for m in other] != [m.params["lr"] for m in same[0]]
     # grid-only spaces do not depend on the seed at all
     grid = {"search": {"dropout": {"grid": [0.1, 0.2]}}}
-    ids = [[m.model_id for m in resolve_models(load_space(str(write_space(tmp_path, {**grid, "seed": s}, name=f"g{s}"))))]
-           for s in (0, 1)]
+    ids = [[m.model_id for m in resolve_models(load(tmp_path, {**grid, "seed": s}, f"g{s}"))] for s in (0, 1)]
     assert ids[0] == ids[1] and len(ids[0]) == 2
 
 
 def test_description_and_unrelated_keys_keep_model_ids(tmp_path):
-    base = [m.model_id for m in resolve_models(load_space(str(write_space(tmp_path, SEARCH, name="a"))))]
+    base = [m.model_id for m in resolve_models(load(tmp_path, SEARCH, name="a"))]
     changed = {**SEARCH, "description": "another text", "max_failures": 5, "folds": {"k": 3}}
-    assert [m.model_id for m in resolve_models(load_space(str(write_space(tmp_path, changed, name="b"))))] == base
+    assert [m.model_id for m in resolve_models(load(tmp_path, changed, name="b"))] == base
 
 
 def test_repeated_choice_draws_are_kept_once(tmp_path):
-    models = resolve_models(load_space(str(write_space(tmp_path, {"num_samples": 20, "search": {"optimizer": {"choice": ["sgd", "adamw"]}}}))))
+    choice = {"optimizer": {"choice": ["sgd", "adamw"]}}
+    models = resolve_models(load(tmp_path, {"num_samples": 20, "search": choice}))
     assert sorted(m.params["optimizer"] for m in models) == ["adamw", "sgd"]
 
 
@@ -169,9 +174,11 @@ def test_numbers_written_without_a_dot_are_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("changes,expected", [
-    ({"param": {"lr": 0.1}}, "unknown key 'param' at top level. Did you mean 'params'? Allowed: ['description', 'data',"),
+    ({"param": {"lr": 0.1}},
+     "unknown key 'param' at top level. Did you mean 'params'? Allowed: ['description', 'data',"),
     ({"params": {"lrr": 0.1}}, "unknown key 'lrr' in 'params'. Did you mean 'lr'?"),
     ({"folds": {"kk": 3}}, "unknown key 'kk' in 'folds'. Did you mean 'k'?"),
+    ({"lr": 0.1}, "unknown key 'lr' at top level. It belongs in params or search. Allowed:"),
     ({"stages": [{"epochs": 1, "frozen": True}]}, "unknown key 'frozen' in 'stages[0]'. Did you mean 'freeze'?"),
     ({"search": {"lrr": {"choice": [0.1]}}}, "unknown key 'lrr' in 'search'. Did you mean 'lr'?"),
     ({"params": {"batch_size": "big"}}, "'params.batch_size' must be an integer >= 1; found 'big'."),
@@ -190,21 +197,27 @@ def test_numbers_written_without_a_dot_are_numbers(tmp_path):
     ({"resources": {"cpu": 0}}, "'resources.cpu' must be a number > 0; found 0."),
     ({"max_concurrent": 0}, "'max_concurrent' must be null or an integer >= 1; found 0."),
     ({"data": {"on_bad_image": "ignore"}}, "'data.on_bad_image' must be one of ['raise', 'skip']; found 'ignore'."),
-    ({"data": {"normalize": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}}, "'data.normalize' must be 'backbone', 'dataset' or {mean"),
+    ({"data": {"normalize": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}},
+     "'data.normalize' must be 'backbone', 'dataset' or {mean"),
     ({"data": {"normalize": {"mean": [120, 110, 100], "std": [60, 60, 60]}}}, "on the 0-1 scale"),
     ({"data": {"tta": "orig,flip2"}}, "'data.tta': Unknown view op 'flip2'"),
-    ({"data": {"augment": "hflip,vflip"}}, "'data.augment': the augment is one chain of ops joined by '+'; 'hflip,vflip' has 2"),
+    ({"data": {"augment": "hflip,vflip"}},
+     "'data.augment': the augment is one chain of ops joined by '+'; 'hflip,vflip' has 2"),
     ({"data": "demo:multiclass"}, "'data' must be a mapping with keys ['manifest',"),
-    ({"data": {"manifest": "demo:digits"}}, "'data.manifest' 'demo:digits' is no embedded demo data; use a file path or one of ['demo:multiclass',"),
+    ({"data": {"manifest": "demo:digits"}},
+     "'data.manifest' 'demo:digits' is no embedded demo data; use a file path or one of ['demo:multiclass',"),
     ({"data": {"test_manifest": "demo:multiclass"}}, "one of ['demo:test']"),
     ({"data": None}, "missing required key 'data.manifest': a CSV/Parquet path, or demo:multiclass"),
     ({"backbones": None}, "missing required key 'backbones': a non-empty list of timm model names."),
     ({"backbones": []}, "'backbones' must be a non-empty list of distinct timm model names; found []."),
     ({"backbones": ["test_resnet", "test_resnet"]}, "'backbones' must be a non-empty list of distinct"),
-    ({"backbones": ["pnasnet5"]}, "'backbones': Unknown backbone 'pnasnet5': timm 1.0.31 has no such model. Did you mean one of ['pnasnet5large',"),
+    ({"backbones": ["pnasnet5"]},
+     "'backbones': Unknown backbone 'pnasnet5': timm 1.0.31 has no such model. "
+     "Did you mean one of ['pnasnet5large',"),
     ({"backbones": ["resnet50.bogus"]}, "Unknown backbone 'resnet50.bogus'"),
     ({"smoke": {"backbone": "test_resnett"}}, "'smoke.backbone': Unknown backbone 'test_resnett'"),
-    ({"params": {"optimizer": "adamm"}}, "'params.optimizer' must be a timm optimizer name (timm.optim.list_optimizers(), e.g. ['adam',"),
+    ({"params": {"optimizer": "adamm"}},
+     "'params.optimizer' must be a timm optimizer name (timm.optim.list_optimizers(), e.g. ['adam',"),
     ({"params": {"scheduler": "cosin"}}, "'params.scheduler' must be one of ['cosine',"),
     ({"params": {"pos_weight": 2}}, "'params.pos_weight' must be one of [None, 'auto']; found 2."),
 ])
@@ -217,13 +230,18 @@ def test_bad_values_name_file_key_found_and_accepted(tmp_path, changes, expected
     ({"lr": {"uniform": [1e-3, 1e-4]}}, "'search.lr': uniform needs low < high; found [0.001, 0.0001]."),
     ({"lr": {"uniform": [1e-4]}}, "'search.lr': uniform needs [low, high]; found [0.0001]."),
     ({"weight_decay": {"quniform": [0.0, 0.1, 0]}}, "quniform needs low < high and q > 0"),
-    ({"dropout": {"uniform": [0.1, 1.5]}}, "'search.dropout': uniform [0.1, 1.5] leaves the values 'dropout' accepts: a number in [0, 1)."),
-    ({"dropout": {"choice": [0.3, 1.5]}}, "'search.dropout': choice needs a non-empty list of a number in [0, 1); found [0.3, 1.5]."),
+    ({"dropout": {"uniform": [0.1, 1.5]}},
+     "'search.dropout': uniform [0.1, 1.5] leaves the values 'dropout' accepts: a number in [0, 1)."),
+    ({"dropout": {"choice": [0.3, 1.5]}},
+     "'search.dropout': every choice value must be a number in [0, 1); found [0.3, 1.5]."),
     ({"dropout": {"grid": []}}, "'search.dropout': grid needs a non-empty list of values; found []."),
-    ({"batch_size": {"uniform": [8, 64]}}, "'search.batch_size': uniform does not fit 'batch_size'; use one of ['randint', 'choice', 'grid']."),
+    ({"optimizer": {"grid": ["sgd", "adamm"]}}, "'search.optimizer': every grid value must be a timm optimizer name"),
+    ({"batch_size": {"uniform": [8, 64]}},
+     "'search.batch_size': uniform does not fit 'batch_size'; use one of ['randint', 'choice', 'grid']."),
     ({"optimizer": {"uniform": [0, 1]}}, "uniform does not fit 'optimizer'; use one of ['choice', 'grid']."),
     ({"batch_size": {"randint": [8.5, 64]}}, "randint needs [low, high) (high excluded, as in Ray)"),
-    ({"lr": {"normal": [0, 1]}}, "'search.lr' must be exactly one of {grid: [v1, v2, ...]}, {choice: [v1, v2, ...]}, {uniform: [low, high]}"),
+    ({"lr": {"normal": [0, 1]}},
+     "'search.lr' must be exactly one of {grid: [v1, v2, ...]}, {choice: [v1, v2, ...]}, {uniform: [low, high]}"),
     ({"lr": {"uniform": [1e-5, 1e-3], "choice": [1e-4]}}, "'search.lr' must be exactly one of"),
     ({"lr": 1e-4}, "'search.lr' must be exactly one of"),
 ])
@@ -247,10 +265,13 @@ def test_cross_key_errors(tmp_path):
         ({"weights": {"test_resnet": "w.safetensors"}}, "'weights' are given but 'pretrained' is false"),
         ({"folds": {"strategy": "group"}}, "'folds.strategy' group needs a 'group' column; demo:multiclass has "
                                            "['id', 'image', 'label'] (demo:grouped has one)."),
-        ({"folds": {"strategy": "multilabel"}}, "'folds.strategy' multilabel does not fit a multiclass target; use 'stratified'."),
+        ({"folds": {"strategy": "multilabel"}},
+         "'folds.strategy' multilabel does not fit a multiclass target; use 'stratified'."),
         ({"params": {"pos_weight": "auto"}}, "'params.pos_weight' is for multilabel targets"),
-        ({"epochs": 5, "stages": [{"epochs": 1}, {"epochs": 2}]}, "'epochs' is 5 but the stages add up to 3; drop 'epochs'."),
-        ({"scheduler": {"type": "asha", "grace_period": 4}, "epochs": 3}, "'scheduler.grace_period' 4 is more than the 3 epochs."),
+        ({"epochs": 5, "stages": [{"epochs": 1}, {"epochs": 2}]},
+         "'epochs' is 5 but the stages add up to 3; drop 'epochs'."),
+        ({"scheduler": {"type": "asha", "grace_period": 4}, "epochs": 3},
+         "'scheduler.grace_period' 4 is more than the 3 epochs."),
         ({"data": {"manifest": "nowhere.csv"}}, "cannot infer 'data.target': "),
     ]
     for changes, expected in cases:
@@ -260,12 +281,12 @@ def test_cross_key_errors(tmp_path):
 def test_metric_fits_the_task(tmp_path):
     multilabel = {"data": {"manifest": "demo:multilabel"}, "backbones": ["test_resnet"]}
     for metric in spaces.METRICS:  # log_loss and the others all fit multilabel
-        assert load_space(str(write_space(tmp_path, {"metric": metric}, base=multilabel))).metric == metric
-    space = load_space(str(write_space(tmp_path, base=multilabel)))
+        assert load(tmp_path, {"metric": metric}, base=multilabel).metric == metric
+    space = load(tmp_path, base=multilabel)
     assert (space.metric, space.mode, space.folds.strategy, space.task) == ("f2", "max", "multilabel", "multilabel")
     assert "'folds.strategy' stratified does not fit a multilabel target; use 'multilabel'." in \
         load_error(tmp_path, {"folds": {"strategy": "stratified"}}, base=multilabel)
-    assert load_space(str(write_space(tmp_path, {"metric": "accuracy"}))).mode == "max"
+    assert load(tmp_path, {"metric": "accuracy"}).mode == "max"
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
@@ -279,7 +300,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_tagged_backbone_names_are_valid(tmp_path):
-    assert load_space(str(write_space(tmp_path, {"backbones": ["resnet50.a1_in1k"]}))).backbones == ("resnet50.a1_in1k",)
+    assert load(tmp_path, {"backbones": ["resnet50.a1_in1k"]}).backbones == ["resnet50.a1_in1k"]
 
 
 # --------------------------------------------------------------------------- data paths and targets
@@ -307,8 +328,9 @@ def test_paths_are_relative_to_the_space_file_and_target_is_inferred(tmp_path):
 
 def test_attribute_target_and_missing_column(tmp_path):
     (tmp_path / "fa.csv").write_text("id,image,attr\na,a.png,nnmynn\n")
-    space = load_space(str(write_space(tmp_path, {"data": {"manifest": "fa.csv", "target": {"column": "attr"}}})))
-    assert space.data.target == {"form": "attribute", "column": "attr", "maybe_weight": 0.5} and space.task == "multiclass"
+    space = load(tmp_path, {"data": {"manifest": "fa.csv", "target": {"column": "attr"}}})
+    assert space.data.target == {"form": "attribute", "column": "attr", "maybe_weight": 0.5}
+    assert space.task == "multiclass"
     message = load_error(tmp_path, {"data": {"manifest": "fa.csv", "target": {"form": "label", "column": "label"}}})
     assert "'data.target.column' 'label' is not a column of" in message and "['id', 'image', 'attr']" in message
 
@@ -354,24 +376,27 @@ def test_freeze_round_trips_and_never_overwrites(tmp_path):
 
 
 def test_check_frozen_names_every_changed_key(tmp_path):
-    freeze_space(load_space(str(write_space(tmp_path, name="a"))), tmp_path / "run")
-    changed = load_space(str(write_space(tmp_path, {"params": {"lr": 1e-4}, "folds": {"k": 3}, "description": "new",
-                                                    "stages": [{"epochs": 1, "freeze": True}, {"epochs": 9}]}, name="a")))
+    freeze_space(load(tmp_path, name="a"), tmp_path / "run")
+    changed = load(tmp_path, {"params": {"lr": 1e-4}, "folds": {"k": 3}, "description": "new",
+                              "stages": [{"epochs": 1, "freeze": True}]}, name="a")
     with pytest.raises(UserError) as info:
         check_frozen(changed, tmp_path / "run")
     message = str(info.value)
-    for part in ("folds.k: 5 -> 3", "params.lr: 0.001 -> 0.0001", "stages[0].freeze: false -> true",
-                 "stages[0].epochs: 10 -> 1", "stages: [", "use a new --name, or restore the old space file",
-                 str(tmp_path / "run" / "space.yaml")):
-        assert part in message, part
-    assert "description" not in message
-    only_description = load_space(str(write_space(tmp_path, {"description": "new"}, name="a")))
+    assert message == (
+        f"{tmp_path / 'run' / 'space.yaml'}: this run started with a different space than 'a' is now; changed: "
+        "folds.k: 5 -> 3; params.lr: 0.001 -> 0.0001; epochs: 10 -> 1; stages[0].epochs: 10 -> 1; "
+        "stages[0].freeze: false -> true. A run keeps its space: use a new --name, or restore the old space file.")
+    two_stages = load(tmp_path, {"stages": [{"epochs": 4}, {"epochs": 6}]}, name="a")
+    with pytest.raises(UserError, match=re.escape("stages: [{'epochs': 10, 'freeze': False, 'lr_scale': 1.0, "
+                                                  "'augment': 'hflip', 'preprocess': 'pad'}] -> [{'epochs': 4,")):
+        check_frozen(two_stages, tmp_path / "run")
+    only_description = load(tmp_path, {"description": "new"}, name="a")
     check_frozen(only_description, tmp_path / "run")
 
 
 def test_check_frozen_reports_added_and_removed_keys(tmp_path):
-    freeze_space(load_space(str(write_space(tmp_path, name="a"))), tmp_path / "run")
-    searched = load_space(str(write_space(tmp_path, {"search": {"lr": {"choice": [0.1, 0.01]}}}, name="a")))
+    freeze_space(load(tmp_path, name="a"), tmp_path / "run")
+    searched = load(tmp_path, {"search": {"lr": {"choice": [0.1, 0.01]}}}, name="a")
     with pytest.raises(UserError, match=re.escape("search.lr: (absent) -> {'choice': [0.1, 0.01]}")):
         check_frozen(searched, tmp_path / "run")
 
@@ -382,7 +407,7 @@ def test_check_frozen_reports_added_and_removed_keys(tmp_path):
 def test_apply_smoke_shrinks_a_big_space():
     space = load_space("pnasnet_kfold")
     smoke = apply_smoke(space)
-    assert smoke.backbones == ("test_resnet",) and smoke.pretrained is False and smoke.weights == {}
+    assert smoke.backbones == ["test_resnet"] and smoke.pretrained is False and smoke.weights == {}
     assert (smoke.params.image_size, smoke.params.batch_size) == (32, 16)
     assert [s.epochs for s in smoke.stages] == [1, 1] and smoke.stages[0].freeze and smoke.epochs == 2
     assert smoke.folds.k == 3 and smoke.smoke.max_rows == 400
@@ -395,8 +420,8 @@ def test_apply_smoke_keeps_small_backbones_and_first_grid_values(tmp_path):
                "search": {**SEARCH["search"], "image_size": {"grid": [64, 128]}},
                "stages": [{"epochs": 2}, {"epochs": 3}, {"epochs": 4}], "folds": {"k": 2},
                "scheduler": {"type": "asha", "grace_period": 5}}
-    smoke = apply_smoke(load_space(str(write_space(tmp_path, changes))))
-    assert smoke.backbones == ("test_efficientnet", "test_resnet")  # resnet18 is bigger than the stand-in
+    smoke = apply_smoke(load(tmp_path, changes))
+    assert smoke.backbones == ["test_efficientnet", "test_resnet"]  # resnet18 is bigger than the stand-in
     assert smoke.search == {"dropout": {"grid": [0.0]}, "lr": {"loguniform": [1e-5, 1e-3]},
                             "warmup_epochs": {"randint": [0, 3]}, "weight_decay": {"quniform": [0.0, 0.1, 0.02]}}
     assert smoke.num_samples == 1 and smoke.folds.k == 2 and smoke.epochs == 2 and smoke.scheduler.grace_period == 2
@@ -405,7 +430,7 @@ def test_apply_smoke_keeps_small_backbones_and_first_grid_values(tmp_path):
 
 
 def test_demo_smoke_keeps_its_tiny_backbones():
-    assert apply_smoke(load_space("demo")).backbones == ("test_resnet", "test_efficientnet")
+    assert apply_smoke(load_space("demo")).backbones == ["test_resnet", "test_efficientnet"]
 
 
 # --------------------------------------------------------------------------- the objects
@@ -419,3 +444,14 @@ def test_space_and_models_pickle_and_sections_read_as_attributes():
     assert space.resources.gpu == 0.5 and space.stages[0].lr_scale == 10.0
     with pytest.raises(AttributeError):
         space.folds.kk
+
+
+def test_with_resources_overrides_and_checks():
+    space = load_space("pnasnet_kfold")
+    shared = spaces.with_resources(space, gpu=0.5)
+    assert dict(shared.resources) == {"cpu": 2.0, "gpu": 0.5} == shared.raw["resources"]
+    assert space.resources.gpu == 1.0 and spaces.with_resources(space) == space
+    with pytest.raises(UserError, match=re.escape("The resources.gpu override must be a number >= 0: a fraction")):
+        spaces.with_resources(space, gpu=1.5)
+    with pytest.raises(UserError, match=re.escape("The resources.cpu override must be a number > 0; found 0.")):
+        spaces.with_resources(space, cpu=0)

@@ -1,0 +1,231 @@
+"""The sweep on a real Ray cluster: artifacts, exact resume after SIGKILL, retries, placement, two nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ensemble import spaces, tune
+from ensemble.train import FoldTrainer, read_metrics, train_fold, train_until
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_space(tmp_path: Path, demo_dir: Path, rows: int = 240, **overrides) -> Path:
+    """A space over the first `rows` demo digits: a tiny but real sweep."""
+    frame = pd.read_csv(demo_dir / "multiclass.csv").head(rows)
+    manifest = tmp_path / f"small{rows}.csv"
+    frame.to_csv(manifest, index=False)
+    space = {
+        "data": {"manifest": str(manifest), "root": str(demo_dir), "test_manifest": "demo:test",
+                 "preprocess": "pad", "augment": "shift:0.1", "tta": "orig", "normalize": "dataset"},
+        "folds": {"k": 2, "strategy": "stratified", "seed": 0},
+        "backbones": ["test_resnet"],
+        "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32},
+        "epochs": 2,
+        "metric": "log_loss",
+        "resources": {"cpu": 1},
+        "max_failures": 1,
+    }
+    for key, value in overrides.items():
+        space[key] = value
+    path = tmp_path / f"space{rows}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def oof(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {p.parent.name: pd.read_parquet(p) for p in sorted((run_dir / "models").glob("*/oof.parquet"))}
+
+
+def cli(*args, **kwargs) -> subprocess.Popen:
+    """The sweep CLI in its own session (process group), so a kill takes Ray's helpers with it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "ensemble.tune", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- no Ray: the trial function
+
+
+def test_fold_resumed_from_checkpoint_equals_uninterrupted(tmp_path, demo_dir):
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
+    configs = {}
+    for name in ("straight", "resumed"):
+        configs[name] = tune.prepare_run(space, tmp_path / name, resume=False, smoke=False)[0]
+    straight = train_fold(configs["straight"], 0, tmp_path / "straight")
+    assert straight.complete and straight.epochs == 2
+    train_until(configs["resumed"], 0, tmp_path / "resumed", 1)  # a crash after epoch 1 ...
+    trainer = FoldTrainer(configs["resumed"], 0, tmp_path / "resumed")
+    assert trainer.restore() and trainer.epoch == 1  # ... resumes at epoch 2, not 0
+    trainer.train_epoch()
+    model_id = configs["straight"]["model_id"]
+    a = pd.read_parquet(tmp_path / "straight" / "models" / model_id / "fold0" / "oof.parquet")
+    b = pd.read_parquet(tmp_path / "resumed" / "models" / model_id / "fold0" / "oof.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    history = read_metrics(tmp_path / "resumed", model_id, 0)["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+# --------------------------------------------------------------------------- sweeps on the session cluster
+
+
+@pytest.mark.slow
+def test_sweep_artifacts_and_resume_skips_finished_models(tmp_path, demo_dir, ray_cluster):
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, search={"weight_decay": {"grid": [0.0, 0.05]}})))
+    run_dir = tmp_path / "runs" / "s"
+    board = tune.run_sweep(space, run_dir, verbose=0)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
+    assert len(board) == 4 and set(board["state"]) == {"complete"}
+    outputs = oof(run_dir)
+    assert len(outputs) == 2
+    for model_id, frame in outputs.items():
+        # every training id exactly once, in folds.csv order, each predicted by its own fold's model
+        assert frame["id"].tolist() == folds["id"].tolist()
+        assert (frame["fold"].to_numpy() == folds["fold"].to_numpy()).all()
+        np.testing.assert_allclose(frame.drop(columns=["id", "fold"]).sum(axis=1), 1, atol=1e-4)
+        config = json.loads((run_dir / "models" / model_id / "config.json").read_text())
+        assert config["k"] == 2 and config["backbone"] == "test_resnet"
+        for k in range(2):
+            fold_dir = run_dir / "models" / model_id / f"fold{k}"
+            assert {"weights.pt", "last.pt", "oof.parquet", "metrics.json"} <= {p.name for p in fold_dir.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "models").rglob("last.pt")}
+    again = tune.run_sweep(space, run_dir, resume=True, verbose=0)
+    assert again.equals(board)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing retrained
+
+
+def test_resume_refuses_a_changed_space(tmp_path, demo_dir):
+    path = small_space(tmp_path, demo_dir)
+    run_dir = tmp_path / "runs" / "changed"
+    tune.prepare_run(spaces.load_space(str(path)), run_dir, resume=False, smoke=False)
+    text = path.read_text().replace("epochs: 2", "epochs: 3")
+    path.write_text(text)
+    code = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
+                           str(run_dir.parent), "--name", "changed", "--resume"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert code.returncode == 2
+    assert "epochs" in code.stderr and "2 -> 3" in code.stderr and "Traceback" not in code.stderr
+    again = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
+                            str(run_dir.parent), "--name", "changed"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, demo_dir, ray_cluster):
+    path = small_space(tmp_path, demo_dir, rows=600, epochs=4)
+    storage = tmp_path / "killed"
+    proc = cli("--space", str(path), "--storage", str(storage), "--name", "run", "-v", "0")
+    run_dir = storage / "run"
+    deadline = time.time() + 240
+    progress = []
+    while time.time() < deadline:  # wait until a fold has finished an epoch but not the sweep
+        progress = [json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")]
+        if any(m["epochs"] >= 1 for m in progress) and not all(m["complete"] for m in progress):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")}
+    assert before and not all(m["complete"] for m in before.values())
+
+    moved = tmp_path / "moved"  # the run directory moves (another disk or machine): resume still works
+    shutil.copytree(storage, moved)
+    resumed = cli("--space", str(path), "--storage", str(moved), "--name", "run", "--resume", "-v", "0")
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out
+    after = {p.parent.name: json.loads(p.read_text()) for p in (moved / "run").glob("models/*/fold*/metrics.json")}
+    for fold, metrics in before.items():  # finished epochs were kept, not trained again
+        assert after[fold]["history"][: metrics["epochs"]] == metrics["history"]
+    assert all(m["complete"] and m["epochs"] == 4 for m in after.values())
+
+    straight = tmp_path / "straight" / "run"
+    tune.run_sweep(spaces.load_space(str(path)), straight, verbose=0)
+    a, b = oof(moved / "run"), oof(straight)
+    assert a.keys() == b.keys()
+    for model_id in a:
+        pd.testing.assert_frame_equal(a[model_id], b[model_id])
+
+
+@pytest.mark.slow
+def test_killed_fold_worker_is_retried_from_its_checkpoint(tmp_path, demo_dir, ray_cluster):
+    path = small_space(tmp_path, demo_dir, rows=600, epochs=3)
+    run_dir = tmp_path / "runs" / "w"
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(board=tune.run_sweep(spaces.load_space(str(path)), run_dir, verbose=0)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 200
+    while killed is None and time.time() < deadline:
+        for running in run_dir.glob("models/*/fold0/running.json"):
+            state = json.loads(running.read_text())
+            if state["epoch"] >= 1:  # mid-epoch 2: the worker holds an epoch's checkpoint already
+                os.kill(state["pid"], signal.SIGKILL)
+                killed = state
+                break
+        time.sleep(0.1)
+    thread.join(timeout=300)
+    assert killed is not None
+    assert set(result["board"]["state"]) == {"complete"}
+    metrics = read_metrics(run_dir, result["board"]["model"][0], 0)
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_fractional_gpus_pack_two_folds_per_gpu(tmp_path, demo_dir, ray_cluster):
+    """4 logical GPUs, gpu: 0.5 per fold: 8 folds run at once, two per device."""
+    path = small_space(tmp_path, demo_dir, rows=160, epochs=1, folds={"k": 8, "strategy": "kfold", "seed": 0},
+                       resources={"cpu": 0.25, "gpu": 0.5})
+    run_dir = tmp_path / "runs" / "gpu"
+    tune.run_sweep(spaces.load_space(str(path)), run_dir, verbose=0)
+    model_id = next((run_dir / "models").iterdir()).name
+    runs = [read_metrics(run_dir, model_id, k)["history"][0] for k in range(8)]
+    devices = sorted(r["device"] for r in runs)
+    assert devices == ["0", "0", "1", "1", "2", "2", "3", "3"]
+    starts = sorted(r["started"] for r in runs)
+    ends = sorted(r["started"] + r["seconds"] for r in runs)
+    assert starts[-1] < ends[0]  # all eight were running at the same time
+
+
+@pytest.mark.slow
+def test_two_node_cluster(tmp_path, demo_dir):
+    """A sweep joins a two-node cluster with --address; folds land on the node that has the GPUs."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=2)
+        path = small_space(tmp_path, demo_dir, rows=160, epochs=1, resources={"cpu": 0.5, "gpu": 0.5})
+        proc = cli("--space", str(path), "--storage", str(tmp_path / "runs"), "--name", "two",
+                   "--address", cluster.address, "-v", "0")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert "Leaderboard" in out
+        model_id = next((tmp_path / "runs" / "two" / "models").iterdir()).name
+        devices = {read_metrics(tmp_path / "runs" / "two", model_id, k)["history"][0]["device"] for k in range(2)}
+        assert devices <= {"0", "1"} and devices
+    finally:
+        cluster.shutdown()
+
+
+def test_smoke_flag_runs_pnasnet_space_with_stand_in(tmp_path, demo_dir):
+    """--smoke on the real pnasnet recipe: only the data it needs is missing, and the message says so."""
+    proc = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", "pnasnet_kfold", "--smoke",
+                           "--storage", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
