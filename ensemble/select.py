@@ -6,8 +6,10 @@ addition gives the best ensemble score; the ensemble is the average of the
 picks, so integer pick counts become weights. The kept ensemble is the best
 prefix of the picks (the first best score on the trajectory), so in-sample it
 is never worse than the best single model. Optional bagging (Caruana's
-"bagged selection") repeats this on random subsets of the models and sums the
-counts, which damps overfitting to the selection set.
+"bagged selection") runs the selection on random subsets of the models and
+sums the bags' picks step by step, keeping the best step of the sum; it damps
+overfitting when there are many models (with a handful, a bag may hold only
+weak ones, and the best-single guarantee no longer holds).
 
 Every candidate of an iteration is scored at once, vectorised over models:
 for multiclass log loss only the entries where y_true > 0 matter (one per row
@@ -45,9 +47,9 @@ class GreedySelection:
 
     Fitted attributes (one row per bag; a single row without bagging):
         indices_: model index picked at each step (init picks first).
-        best_steps_: per bag, the step whose prefix is kept.
-        trajectory_: score after each step (of the summed bags' prefixes with bagging).
-        counts_, weights_: picks per model in the kept prefixes, and counts_ / counts_.sum().
+        trajectory_: score after each step (with bagging: of all bags' picks so far, summed).
+        best_step_: the first step with the best score; the picks up to it are kept.
+        counts_, weights_: picks per model up to best_step_, and counts_ / counts_.sum().
         score_: the score of the weighted ensemble on the data it was fitted on.
     """
 
@@ -101,18 +103,15 @@ class GreedySelection:
             size = max(self.init_size, int(round(self.bag_fraction * n_models)))
             bags = [np.sort(rng.choice(n_models, size=size, replace=False)) for _ in range(self.bagging)]
         picks, trajectories = zip(*(self._hillclimb(scorer, proba, y_true, bag) for bag in bags))
-        sign = self.metric_.sign()
         self.indices_ = np.array(picks)
-        self.best_steps_ = np.array([int(np.argmin(sign * np.asarray(t))) for t in trajectories])
-        self.counts_ = np.zeros(n_models, dtype=np.int64)
-        for row, best in zip(self.indices_, self.best_steps_):
-            np.add.at(self.counts_, row[: best + 1], 1)
-        self.weights_ = self.counts_ / self.counts_.sum()
         if len(bags) == 1:
             self.trajectory_ = list(trajectories[0])
-        else:
+        else:  # the ensemble is the bags summed: score that after each step
             self.trajectory_ = [self._score_counts(proba, y_true, self.indices_[:, : t + 1].ravel())
                                 for t in range(self.indices_.shape[1])]
+        self.best_step_ = int(np.argmin(self.metric_.sign() * np.asarray(self.trajectory_)))  # first best
+        self.counts_ = np.bincount(self.indices_[:, : self.best_step_ + 1].ravel(), minlength=n_models)
+        self.weights_ = self.counts_ / self.counts_.sum()
         self.score_ = self.metric_(y_true, self.predict(proba), self.task)
         return self
 
@@ -170,14 +169,15 @@ def _make_scorer(metric: Metric, task: str, proba: np.ndarray, y_true: np.ndarra
 
 
 def _multiclass_log_loss(proba, y_true):
-    # Cross-entropy only reads the cells where y_true > 0: gather them once.
+    # Cross-entropy only reads the cells where y_true > 0: gather them once (one per row for hard labels).
     rows, cols = np.nonzero(y_true > 0)
-    weight = y_true[rows, cols] / len(y_true)
+    dtype = proba.dtype
+    weight = (y_true[rows, cols] / len(y_true)).astype(dtype)
+    uniform = np.all(weight == weight[0])  # hard labels: a plain mean
     gathered = proba[:, rows, cols]
     row_sums = proba.sum(axis=2)
     # Kaggle renormalises rows; skip the division when every row already sums to 1 (< 1e-6 effect).
     renorm = row_sums[:, rows] if np.abs(row_sums - 1).max() > 1e-6 else None
-    dtype = proba.dtype
 
     def score(total, n_picks, models):
         out = np.empty(len(models))
@@ -189,8 +189,9 @@ def _multiclass_log_loss(proba, y_true):
                 v *= dtype.type(1.0 / (n_picks + 1))
             else:
                 v /= t_sums + renorm[idx]
-            np.clip(v, EPS, 1 - EPS, out=v)
-            out[where] = -(np.log(v) @ weight)
+            # Only the lower clip matters: values near 1 change the loss by < 1e-15.
+            np.log(np.maximum(v, dtype.type(EPS), out=v), out=v)
+            out[where] = -(v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight)
         return out
 
     return score
@@ -217,29 +218,33 @@ def _multilabel_log_loss(proba, y_true):
 
 
 def _multiclass_accuracy(proba, y_true):
-    # Correct iff the true class's value reaches the row maximum; rows where it ties
-    # with another class are rechecked with argmax so ties resolve like np.argmax.
-    n = y_true.shape[0]
+    # np.argmax picks the first maximum, so a row is right iff its true class y beats every
+    # class before y strictly and every class after y or equally. With rows grouped by y those
+    # are two contiguous class ranges: one max each, no tie pass. Layout models x classes x rows
+    # makes the max over classes an elementwise maximum of contiguous row vectors.
     label = y_true.argmax(axis=1)
-    arange = np.arange(n)
-    by_class = np.ascontiguousarray(proba.transpose(0, 2, 1))  # models x classes x rows: max over classes is elementwise
-    true_col = proba[:, arange, label]
+    order = np.argsort(label, kind="stable")
+    bounds = np.searchsorted(label[order], np.arange(y_true.shape[1] + 1))
+    by_class = np.ascontiguousarray(proba[:, order].transpose(0, 2, 1))
 
     def score(total, n_picks, models):
-        out = np.empty(len(models))
-        total_t = np.ascontiguousarray(total.T)
-        t_true = total[arange, label]
+        out = np.zeros(len(models))
+        total_t = np.ascontiguousarray(total[order].T)
         for where, idx in _chunks(models, proba.shape[1] * proba.shape[2]):
             cand = total_t + by_class[idx]
             cand /= n_picks + 1  # as the metric sees the mean: dividing can merge or split exact ties
-            top = cand.max(axis=1)
-            val = (t_true + true_col[idx]) / (n_picks + 1)
-            correct = val >= top
-            tied = correct & ((cand == top[:, None, :]).sum(axis=1) > 1)
-            if tied.any():
-                m, i = np.nonzero(tied)
-                correct[m, i] = cand[m, :, i].argmax(axis=1) == label[i]
-            out[where] = correct.mean(axis=1)
+            hits = np.zeros((len(idx),), dtype=np.int64)
+            for y, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if a == b:
+                    continue
+                val = cand[:, y, a:b]
+                right = np.ones(val.shape, dtype=bool)
+                if y > 0:
+                    right &= val > cand[:, :y, a:b].max(axis=1)
+                if y < cand.shape[1] - 1:
+                    right &= val >= cand[:, y + 1:, a:b].max(axis=1)
+                hits += right.sum(axis=1)
+            out[where] = hits / len(label)
         return out
 
     return score

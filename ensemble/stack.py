@@ -420,7 +420,7 @@ def run_methods(data, methods, metric: Metric, args) -> tuple[list[MethodResult]
                 "bagging": selector.bagging, "weights": dict(zip(data.model_ids, selector.weights_.tolist())),
                 "counts": dict(zip(data.model_ids, selector.counts_.tolist())),
                 "trajectory": selector.trajectory_, "picks": [data.model_ids[i] for i in selector.indices_[0]],
-                "best_step": selector.best_steps_.tolist(), "cv_score": row.cv_score,
+                "best_step": selector.best_step_, "cv_score": row.cv_score,
                 "in_sample_score": row.in_sample_score,
                 "cv_weights": {str(f): dict(zip(data.model_ids, w.tolist())) for f, w in fold_weights.items()}})
         else:

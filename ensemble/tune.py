@@ -277,7 +277,9 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
                 reduction_factor=sched.get("reduction_factor", 2))
         attempt = len(list((run_dir / "tune").glob("attempt-*"))) + 1 if (run_dir / "tune").exists() else 1
         tuner = tune.Tuner(
-            tune.with_resources(run_model, {"cpu": 0.01}),
+            # The trial only waits on its folds: it holds no CPU (a token byte of memory, since Tune
+            # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
+            tune.with_resources(run_model, {"memory": 1}),
             param_space={"run_dir": str(run_dir), "early_stopping": raw.get("early_stopping"),
                          "resources": dict(raw["resources"]), "model_id": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,

@@ -65,7 +65,7 @@ def run(args) -> None:
         for step, (i, score) in enumerate(zip(selector.indices_[0], selector.trajectory_)):
             kind = "init" if step < selector.init_size else "add "
             print(f"  step {step:>3}  {kind} {data.model_ids[i]:<{width}}  {score:.6f}")
-        print(f"kept the first {selector.best_steps_[0] + 1} picks (best score on the trajectory)")
+        print(f"kept the first {selector.best_step_ + 1} picks (best score on the trajectory)")
     print("weights:")
     for i in np.argsort(-selector.weights_, kind="stable"):
         if selector.counts_[i]:

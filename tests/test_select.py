@@ -33,7 +33,7 @@ def test_hand_case_steps():
     assert est.indices_.tolist() == [[0, 1, 0, 1, 0]]
     expected = [_ll(0.9, 0.45), _ll(0.65, 0.675), _ll(2.2 / 3, 1.8 / 3), _ll(0.65, 0.675), _ll(0.7, 0.63)]
     np.testing.assert_allclose(est.trajectory_, expected, rtol=1e-12)
-    assert est.best_steps_.tolist() == [4]
+    assert est.best_step_ == 4
     assert est.counts_.tolist() == [3, 2, 0]
     np.testing.assert_allclose(est.weights_, [0.6, 0.4, 0.0])
     assert est.score_ == pytest.approx(_ll(0.7, 0.63))
@@ -42,7 +42,7 @@ def test_hand_case_steps():
 def test_hand_case_keeps_the_best_prefix():
     # with 3 iterations the last step (+B) is worse than step 2: the ensemble stops at A, B, A
     est = GreedySelection("log_loss", iterations=3).fit(HAND, Y_HAND)
-    assert est.best_steps_.tolist() == [2]
+    assert est.best_step_ == 2
     np.testing.assert_allclose(est.weights_, [2 / 3, 1 / 3, 0.0])
     np.testing.assert_allclose(est.predict(HAND), np.tensordot([2 / 3, 1 / 3, 0], HAND, axes=1))
 
@@ -118,7 +118,8 @@ def test_bagging_is_seeded_and_sums_bag_counts():
     b = GreedySelection(iterations=5, bagging=4, random_state=7).fit(proba, y)
     np.testing.assert_array_equal(a.counts_, b.counts_)
     assert a.indices_.shape == (4, 6)
-    assert a.counts_.sum() == (a.best_steps_ + 1).sum()
+    assert a.counts_.sum() == 4 * (a.best_step_ + 1)
+    assert a.score_ == pytest.approx(min(a.trajectory_))  # log loss: the kept step is the best one
     assert len(a.trajectory_) == 6 and a.weights_.sum() == pytest.approx(1.0)
 
 
