@@ -8,7 +8,7 @@ from pathlib import Path
 import timm
 import torch
 
-from ensemble.data import IMAGENET_MEAN, IMAGENET_STD
+from ensemble.loader import IMAGENET_MEAN, IMAGENET_STD
 from ensemble.errors import UserError
 
 

@@ -164,6 +164,51 @@ def _model_files(model_dir: Path, tta: bool) -> tuple[Path | None, list[str]]:
     return (oof if oof.exists() else None), missing
 
 
+def _read_oof(path: Path, index: pd.Index, folds: np.ndarray, classes: list[str], task: str,
+              class_ref: str) -> np.ndarray | str:
+    """Rows x classes in folds.csv order, or why the model is incomplete (whole folds missing)."""
+    oof = _read_parquet(path)
+    _check_columns(path, oof, ["id", "fold"], classes, class_ref)
+    oof_ids = oof["id"].astype(str).to_numpy(dtype=object)
+    pos = index.get_indexer(oof_ids)
+    if (pos < 0).any():
+        raise UserError(f"{path}: {_some(oof_ids[pos < 0])} not in folds.csv; OOF ids must be the training "
+                        "ids of folds.csv (was it written for another run?).")
+    absent = np.ones(len(index), dtype=bool)
+    absent[pos] = False
+    if absent.any():
+        missing_folds = np.unique(folds[absent])
+        if not np.isin(folds[~absent], missing_folds).any():
+            return f"{path.name} has no rows for fold(s) {missing_folds.tolist()}"
+        raise UserError(f"{path}: ids differ from folds.csv and the other models: {_some(index[absent])} "
+                        "of folds.csv are missing; every training id needs exactly one OOF row.")
+    wrong = pd.to_numeric(oof["fold"], errors="coerce").to_numpy() != folds[pos]
+    if wrong.any():
+        raise UserError(f"{path}: the fold of {_some(oof_ids[wrong])} differs from folds.csv; OOF rows must "
+                        "come from the model that held that id out (rerun with the run's folds.csv).")
+    values = np.empty((len(index), len(classes)))
+    values[pos] = _check_values(path, oof, classes, task)
+    return values
+
+
+def _read_test(path: Path, classes: list[str], task: str, class_ref: str, test_ids, test_ref) -> tuple:
+    """(ids, rows x classes) of test.parquet, aligned to the first model's test ids when given."""
+    test = _read_parquet(path)
+    _check_columns(path, test, ["id"], classes, class_ref)
+    t_ids = test["id"].astype(str).to_numpy(dtype=object)
+    if test_ids is None:
+        return t_ids, _check_values(path, test, classes, task)
+    pos = pd.Index(test_ids).get_indexer(t_ids)
+    extra, absent = t_ids[pos < 0], np.setdiff1d(test_ids, t_ids)
+    if len(extra) or len(absent):
+        parts = [f"{_some(extra)} unexpected"] * bool(len(extra)) + [f"{_some(absent)} missing"] * bool(len(absent))
+        raise UserError(f"{path}: test ids differ from {test_ref}: {', '.join(parts)}; all models must predict "
+                        "the same test ids.")
+    values = np.empty((len(test_ids), len(classes)))
+    values[pos] = _check_values(path, test, classes, task)
+    return test_ids, values
+
+
 def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
     """Read and check every model's OOF and test predictions of `run`; see the module docstring."""
     run = Path(run)
@@ -184,68 +229,38 @@ def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
             if config[key] != ref[key]:
                 raise UserError(f"{run}/models/{model_id}/config.json: {key} {config[key]!r} differs from "
                                 f"models/{ref_id} ({ref[key]!r}); a run stacks models of one task and target.")
-        if list(config["classes"]) != list(ref["classes"]):
-            a, b = set(config["classes"]), set(ref["classes"])
+        a, b = set(map(str, config["classes"])), set(map(str, ref["classes"]))
+        if a != b:  # the same names in another order are fine: columns are read by name
             raise UserError(f"{run}/models/{model_id}/config.json: classes differ from models/{ref_id}: "
-                            f"missing {sorted(b - a)[:5]}, unexpected {sorted(a - b)[:5]}"
-                            f"{', same names in another order' if a == b else ''}; every model must predict the same classes.")
+                            f"missing {sorted(b - a)[:5]}, unexpected {sorted(a - b)[:5]}; every model must "
+                            "predict the same classes.")
     task, target, classes = ref["task"], ref["target"], [str(c) for c in ref["classes"]]
     folds_frame = _read_folds(run, target, classes)
     ids = folds_frame["id"].to_numpy(dtype=object)
     folds = folds_frame["fold"].to_numpy()
+    k = ref.get("k")
+    if k is not None and sorted(set(folds.tolist())) != list(range(int(k))):
+        found = sorted(set(folds.tolist()))
+        raise UserError(f"{run / 'folds.csv'}: folds {found} but the models were trained with k={k} (folds 0..{int(k) - 1}): "
+                        f"missing {sorted(set(range(int(k))) - set(found))}, unexpected {sorted(set(found) - set(range(int(k))))}. "
+                        "Stack with the folds.csv the sweep wrote.")
     index = pd.Index(ids)
-
-    incomplete: dict[str, str] = {}
-    for d in model_dirs:
-        if d.name not in configs:
-            incomplete[d.name] = "config.json missing"
+    incomplete = {d.name: "config.json missing" for d in model_dirs if d.name not in configs}
     oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None
+    class_ref = f"models/{ref_id}/config.json"
     for model_id in configs:
         model_dir = run / "models" / model_id
         oof_path, missing = _model_files(model_dir, tta)
         if missing:
             incomplete[model_id] = ", ".join(missing) + " missing"
             continue
-        oof = _read_parquet(oof_path)
-        _check_columns(oof_path, oof, ["id", "fold"], classes, f"models/{ref_id}/config.json")
-        oof_ids = oof["id"].astype(str).to_numpy(dtype=object)
-        pos = index.get_indexer(oof_ids)
-        if (pos < 0).any():
-            raise UserError(f"{oof_path}: {_some(oof_ids[pos < 0])} not in folds.csv; OOF ids must be the training "
-                            "ids of folds.csv (was it written for another run?).")
-        absent = np.ones(len(ids), dtype=bool)
-        absent[pos] = False
-        if absent.any():
-            missing_folds = np.unique(folds[absent])
-            whole = all((folds[~absent] != f).all() for f in missing_folds)
-            if whole:
-                incomplete[model_id] = f"{oof_path.name} has no rows for fold(s) {missing_folds.tolist()}"
-                continue
-            raise UserError(f"{oof_path}: ids differ from folds.csv and the other models: {_some(ids[absent])} "
-                            "of folds.csv are missing; every training id needs exactly one OOF row.")
-        oof_folds = pd.to_numeric(oof["fold"], errors="coerce").to_numpy()
-        wrong = oof_folds != folds[pos]
-        if wrong.any():
-            raise UserError(f"{oof_path}: the fold of {_some(oof_ids[wrong])} differs from folds.csv; OOF rows must "
-                            "come from the model that held that id out (rerun with the run's folds.csv).")
-        values = np.empty((len(ids), len(classes)))
-        values[pos] = _check_values(oof_path, oof, classes, task)
-
-        test_path = model_dir / "test.parquet"
-        test = _read_parquet(test_path)
-        _check_columns(test_path, test, ["id"], classes, f"models/{ref_id}/config.json")
-        t_ids = test["id"].astype(str).to_numpy(dtype=object)
+        values = _read_oof(oof_path, index, folds, classes, task, class_ref)
+        if isinstance(values, str):  # a fold not written yet
+            incomplete[model_id] = values
+            continue
+        t_ids, t_values = _read_test(model_dir / "test.parquet", classes, task, class_ref, test_ids, test_ref)
         if test_ids is None:
-            test_ids, test_ref = t_ids, test_path
-            t_pos = np.arange(len(t_ids))
-        else:
-            t_pos = pd.Index(test_ids).get_indexer(t_ids)
-            absent_t = np.setdiff1d(test_ids, t_ids)
-            if (t_pos < 0).any() or len(absent_t):
-                raise UserError(f"{test_path}: test ids differ from {test_ref}: {_some(t_ids[t_pos < 0])} unexpected, "
-                                f"{_some(absent_t)} missing; all models must predict the same test ids.")
-        t_values = np.empty((len(test_ids), len(classes)))
-        t_values[t_pos] = _check_values(test_path, test, classes, task)
+            test_ids, test_ref = t_ids, model_dir / "test.parquet"
         oof_list.append(values)
         test_list.append(t_values)
         sources[model_id] = oof_path.name

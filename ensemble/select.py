@@ -132,8 +132,8 @@ class GreedySelection:
         return picks, trajectory
 
     def _score_counts(self, proba, y_true, picks) -> float:
-        counts = np.bincount(np.asarray(picks), minlength=proba.shape[0])
-        return float(self.metric_(y_true, np.tensordot(counts / counts.sum(), proba, axes=1), self.task))
+        used, counts = np.unique(np.asarray(picks), return_counts=True)
+        return float(self.metric_(y_true, np.tensordot(counts / counts.sum(), proba[used], axes=1), self.task))
 
     def predict(self, proba) -> np.ndarray:
         """The weighted average of `proba` (models x rows x classes) with the fitted weights."""
@@ -174,6 +174,7 @@ def _multiclass_log_loss(proba, y_true):
     dtype = proba.dtype
     weight = (y_true[rows, cols] / len(y_true)).astype(dtype)
     uniform = np.all(weight == weight[0])  # hard labels: a plain mean
+    weight_total = float(weight.sum(dtype=np.float64))  # 1 when y_true rows sum to 1
     gathered = proba[:, rows, cols]
     row_sums = proba.sum(axis=2)
     # Kaggle renormalises rows; skip the division when every row already sums to 1 (< 1e-6 effect).
@@ -183,15 +184,15 @@ def _multiclass_log_loss(proba, y_true):
         out = np.empty(len(models))
         t_cells = total[rows, cols].astype(dtype)
         t_sums = total.sum(axis=1)[rows].astype(dtype)
+        # log(sum / (n + 1)) = log(sum) - log(n + 1): skip the division, clip at eps * (n + 1).
+        # Only the lower clip matters: values near 1 change the loss by < 1e-15.
+        scale = 1.0 if renorm is not None else n_picks + 1.0
         for where, idx in _chunks(models, len(rows)):
             v = t_cells + gathered[idx]
-            if renorm is None:
-                v *= dtype.type(1.0 / (n_picks + 1))
-            else:
+            if renorm is not None:
                 v /= t_sums + renorm[idx]
-            # Only the lower clip matters: values near 1 change the loss by < 1e-15.
-            np.log(np.maximum(v, dtype.type(EPS), out=v), out=v)
-            out[where] = -(v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight)
+            np.log(np.maximum(v, dtype.type(EPS * scale), out=v), out=v)
+            out[where] = np.log(scale) * weight_total - (v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight)
         return out
 
     return score
@@ -229,10 +230,10 @@ def _multiclass_accuracy(proba, y_true):
 
     def score(total, n_picks, models):
         out = np.zeros(len(models))
-        total_t = np.ascontiguousarray(total[order].T)
+        total_t = np.ascontiguousarray(total[order].T, dtype=proba.dtype)  # float32 input: float32 work
         for where, idx in _chunks(models, proba.shape[1] * proba.shape[2]):
             cand = total_t + by_class[idx]
-            cand /= n_picks + 1  # as the metric sees the mean: dividing can merge or split exact ties
+            cand /= proba.dtype.type(n_picks + 1)  # as the metric sees the mean: dividing can merge or split ties
             hits = np.zeros((len(idx),), dtype=np.int64)
             for y, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
                 if a == b:

@@ -8,16 +8,25 @@ fits per-label thresholds for multilabel runs (`ensemble.thresholds`), and
 writes `<run>/ensemble/`: scores.csv, selection.json, thresholds.json, meta/
 and submission.csv. docs/stacking.md is the manual.
 
-Meta-models (level 2) see one feature per (model, class) (plus each model's
-entropy with `--extra-features`) and are trained with the SAME folds as level 1:
-for fold f they fit on rows with fold != f and predict fold f, so the level-2
-OOF is leak-free; test predictions are the mean of the k fold models. LightGBM
-and XGBoost stop early on one inner fold of the training rows (never the
-held-out fold), then refit on all training rows for that many rounds. Multiclass
-is native (soft targets become weighted copies of a row, one per class with
-y > 0, which is exact cross-entropy); multilabel fits one model per label.
-Models are saved natively: LightGBM text, XGBoost JSON, ridge/logistic
-coefficients as npz, with meta.json describing the features.
+Meta-models (level 2) are trained with the SAME folds as level 1: for fold f
+they fit on rows with fold != f (one of those folds is the inner fold for early
+stopping or tuning, then they refit on all of them) and predict fold f, so the
+level-2 OOF is leak-free; test predictions are the mean of the k fold models.
+
+- lgbm / xgb: trees on one feature per (model, class) probability (+ each
+  model's entropy with `--extra-features`), boosting from the models' mean
+  rescaled on the training rows (a temperature, or Platt per label), so they
+  learn corrections to a calibrated blend. Multiclass is native (softmax);
+  multilabel fits one booster per label.
+- ridge / logreg: a calibrated weighted blend. Multiclass: one weight per
+  model shared by the classes (each (row, class) pair is a sample: every
+  model's probability or logit for that class, plus a per-class bias);
+  multilabel: per label, one weight per model on that label's column. With a
+  few thousand rows a full (models x classes) x classes matrix overfits.
+
+Soft targets become weighted copies of a row (exact cross-entropy). Models are
+saved natively: LightGBM text, XGBoost JSON, coefficients as npz, with
+meta.json describing the features; `load_meta` reads them back.
 """
 
 from __future__ import annotations
@@ -37,52 +46,65 @@ from ensemble.metrics import Metric, fbeta_name, get_metric
 
 META_METHODS = ("lgbm", "xgb", "ridge", "logreg")
 METHODS = ("greedy", "mean") + META_METHODS
-_P_CLIP = 1e-7  # probabilities are clipped here before logs (features) and after ridge
+_P_CLIP = 1e-7  # probabilities are clipped here before logs and logits
 
 
 # ------------------------------------------------------------------ features
 
 
-def stack_features(proba: np.ndarray, task: str, kind: str = "proba", entropy: bool = False) -> np.ndarray:
-    """Level-2 features (rows x features) from models x rows x classes probabilities.
-
-    kind "proba" keeps the probabilities (trees, ridge); "logit" uses centred
-    log-probabilities (multiclass) or logits (multilabel), so a linear model can
-    learn a weighted geometric mean with a temperature. `entropy` appends each
-    model's prediction entropy (mean binary entropy for multilabel).
-    """
+def stack_features(proba: np.ndarray, task: str, entropy: bool = False) -> np.ndarray:
+    """Rows x (models * classes) probabilities, plus each model's entropy with `entropy` (trees' input)."""
     n_models, n, n_classes = proba.shape
-    p = np.clip(proba, _P_CLIP, 1 - _P_CLIP)
-    if kind == "logit":
-        feats = np.log(p)
-        if task == "multiclass":
-            feats -= feats.mean(axis=2, keepdims=True)
-        else:
-            feats -= np.log1p(-p)
-    else:
-        feats = np.asarray(proba, dtype=np.float64)
-    blocks = [feats.transpose(1, 0, 2).reshape(n, n_models * n_classes)]
+    blocks = [np.asarray(proba, dtype=np.float64).transpose(1, 0, 2).reshape(n, n_models * n_classes)]
     if entropy:
-        if task == "multiclass":
-            ent = -(p * np.log(p)).sum(axis=2)
-        else:
-            ent = -(p * np.log(p) + (1 - p) * np.log1p(-p)).mean(axis=2)
-        blocks.append(ent.T)
+        blocks.append(_entropy(proba, task).T)
     return np.hstack(blocks)
 
 
-def _expand_soft(X: np.ndarray, y: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows repeated once per class with y > 0, weighted by y: exact soft-target cross-entropy.
+def per_class_features(proba: np.ndarray, task: str, values: str, entropy: bool = False) -> np.ndarray:
+    """Rows x classes x models: each model's probability ("proba") or logit ("logit") for that class.
 
-    For multiclass the labels are class indices; for one multilabel column (y: rows)
-    they are 0/1, a fractional y giving a positive and a negative copy.
+    With `entropy`, each model's prediction entropy follows (the same for every class).
+    The linear meta-models fit one weight per model, shared by the classes.
     """
+    p = np.clip(proba, _P_CLIP, 1 - _P_CLIP)
+    feats = np.log(p) - np.log1p(-p) if values == "logit" else np.asarray(proba, dtype=np.float64)
+    feats = feats.transpose(1, 2, 0)
+    if entropy:
+        ent = np.broadcast_to(_entropy(proba, task).T[:, None, :], feats.shape)
+        feats = np.concatenate([feats, ent], axis=2)
+    return feats
+
+
+def base_margin(proba: np.ndarray, task: str) -> np.ndarray:
+    """The plain mean of the models as a raw score: log-probabilities (multiclass) or logits (multilabel).
+
+    Boosters start from it (LightGBM init_score, XGBoost base_margin), so their
+    trees learn corrections to the blend, and early stopping at 0 rounds is the blend.
+    """
+    mean = np.clip(np.asarray(proba, dtype=np.float64).mean(axis=0), _P_CLIP, 1 - _P_CLIP)
+    return np.log(mean) if task == "multiclass" else np.log(mean) - np.log1p(-mean)
+
+
+def _entropy(proba: np.ndarray, task: str) -> np.ndarray:
+    """models x rows: prediction entropy (mean binary entropy per label for multilabel)."""
+    p = np.clip(proba, _P_CLIP, 1 - _P_CLIP)
     if task == "multiclass":
+        return -(p * np.log(p)).sum(axis=2)
+    return -(p * np.log(p) + (1 - p) * np.log1p(-p)).mean(axis=2)
+
+
+def _soft_rows(y: np.ndarray, binary: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, labels, weights): a row once per class with y > 0, weighted by y (exact soft cross-entropy).
+
+    Multiclass (y: rows x classes): labels are class indices. Binary (y: rows): labels 0/1,
+    a fractional y giving a positive and a negative copy. Hard labels keep each row once.
+    """
+    if not binary:
         rows, cols = np.nonzero(y > 0)
-        return X[rows], cols, y[rows, cols]
+        return rows, cols, y[rows, cols]
     pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y < 1)
-    rows = np.r_[pos, neg]
-    return X[rows], np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[y[pos], 1 - y[neg]]
+    return np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[y[pos], 1 - y[neg]]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -91,155 +113,228 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
 # ------------------------------------------------------------------ one fold's meta-model
-# Each class fits on one training set; `files()` gives its native files, `load` reads them back.
+# One instance is one fold's model. It takes level-1 probabilities (models x rows x classes):
+# fit(train, y, inner fold, y) -> self, predict(proba), files() (native files as bytes),
+# load(folder) (the same files read back).
 
 
 class _Booster:
-    """LightGBM or XGBoost: native multiclass, or one binary booster per label."""
+    """LightGBM or XGBoost on the stacked probabilities, boosting from the models' mean.
 
-    def __init__(self, method: str, task: str, n_classes: int, max_rounds: int, seed: int):
-        self.method, self.task, self.n_classes, self.max_rounds, self.seed = method, task, n_classes, max_rounds, seed
+    Native multiclass (softmax), or one binary booster per label. Early stopping
+    on the inner fold picks the number of rounds; the model is then refit on
+    all training rows (training + inner fold) for that many rounds.
+    """
+
+    def __init__(self, method: str, task: str, n_classes: int, max_rounds: int, seed: int, entropy: bool):
+        self.method, self.task, self.n_classes = method, task, n_classes
+        self.max_rounds, self.seed, self.entropy = max_rounds, seed, entropy
         self.boosters: list = []
 
     def _params(self) -> dict:
         multi = self.task == "multiclass"
         if self.method == "lgbm":
             return {"objective": "multiclass" if multi else "binary", **({"num_class": self.n_classes} if multi else {}),
-                    "learning_rate": 0.1, "num_leaves": 7, "min_data_in_leaf": 20, "feature_fraction": 0.8,
+                    "learning_rate": 0.05, "num_leaves": 7, "min_data_in_leaf": 20, "feature_fraction": 0.8,
                     "lambda_l2": 1.0, "verbose": -1, "seed": self.seed, "deterministic": True, "num_threads": 1}
         return {"objective": "multi:softprob" if multi else "binary:logistic",
-                **({"num_class": self.n_classes} if multi else {}), "eta": 0.1, "max_depth": 3,
+                **({"num_class": self.n_classes} if multi else {}), "eta": 0.05, "max_depth": 3,
                 "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8, "lambda": 1.0,
                 "tree_method": "hist", "nthread": 1, "seed": self.seed}
 
-    def _train_one(self, X, y, X_val, y_val):
+    def _data(self, X, y, base):
+        """The library's dataset for (X, y), soft targets expanded, starting from `base`."""
         import lightgbm as lgb
         import xgboost as xgb
 
-        Xt, yt, wt = _expand_soft(X, y, self.task)
-        Xv, yv, wv = _expand_soft(X_val, y_val, self.task)
-        params = self._params()
+        rows, labels, weight = _soft_rows(y, binary=self.task == "multilabel")
         if self.method == "lgbm":
-            train = lgb.Dataset(Xt, yt, weight=wt, free_raw_data=False)
-            valid = lgb.Dataset(Xv, yv, weight=wv, reference=train)
-            probe = lgb.train(params, train, self.max_rounds, valid_sets=[valid],
-                              callbacks=[lgb.early_stopping(20, verbose=False)])
-            rounds = max(1, probe.best_iteration)
-            Xa, ya, wa = _expand_soft(np.vstack([X, X_val]), np.concatenate([y, y_val]), self.task)
-            return lgb.train(params, lgb.Dataset(Xa, ya, weight=wa), rounds)
-        train, valid = xgb.DMatrix(Xt, yt, weight=wt), xgb.DMatrix(Xv, yv, weight=wv)
-        probe = xgb.train(params, train, self.max_rounds, evals=[(valid, "valid")],
-                          early_stopping_rounds=20, verbose_eval=False)
-        Xa, ya, wa = _expand_soft(np.vstack([X, X_val]), np.concatenate([y, y_val]), self.task)
-        return xgb.train(params, xgb.DMatrix(Xa, ya, weight=wa), probe.best_iteration + 1)
+            return lgb.Dataset(X[rows], labels, weight=weight, init_score=base[rows], free_raw_data=False)
+        return xgb.DMatrix(X[rows], labels, weight=weight, base_margin=base[rows])
 
-    def fit(self, X, y, X_val, y_val) -> "_Booster":
-        """Early-stop on (X_val, y_val), then refit on both for the best number of rounds."""
+    def _train_one(self, X, y, base, n_fit: int):
+        """Early-stop on rows n_fit: (the inner fold), then refit on all rows for the best round count."""
+        import lightgbm as lgb
+        import xgboost as xgb
+
+        params, fit, valid, both = self._params(), slice(0, n_fit), slice(n_fit, None), slice(None)
+        if self.method == "lgbm":
+            train = self._data(X[fit], y[fit], base[fit])
+            probe = lgb.train(params, train, self.max_rounds, valid_sets=[self._data(X[valid], y[valid], base[valid])],
+                              callbacks=[lgb.early_stopping(20, verbose=False)])
+            return lgb.train(params, self._data(X, y, base), max(1, probe.best_iteration))
+        probe = xgb.train(params, self._data(X[fit], y[fit], base[fit]), self.max_rounds,
+                          evals=[(self._data(X[valid], y[valid], base[valid]), "valid")],
+                          early_stopping_rounds=20, verbose_eval=False)
+        return xgb.train(params, self._data(X[both], y[both], base[both]), probe.best_iteration + 1)
+
+    def fit(self, proba, y, proba_val, y_val) -> "_Booster":
+        both = np.concatenate([proba, proba_val], axis=1)
+        X, y = stack_features(both, self.task, self.entropy), np.concatenate([y, y_val])
+        self.scale = _fit_base_scale(base_margin(both, self.task), y, self.task)
+        base = self._base(both)
+        n_fit = proba.shape[1]
         if self.task == "multiclass":
-            self.boosters = [self._train_one(X, y, X_val, y_val)]
+            self.boosters = [self._train_one(X, y, base, n_fit)]
         else:
-            self.boosters = [self._train_one(X, y[:, j], X_val, y_val[:, j]) for j in range(self.n_classes)]
+            self.boosters = [self._train_one(X, y[:, j], base[:, j], n_fit) for j in range(self.n_classes)]
         return self
 
-    def predict(self, X) -> np.ndarray:
-        if self.method == "xgb":
-            import xgboost as xgb
+    def _base(self, proba) -> np.ndarray:
+        """The models' mean as a raw score, scaled as fitted: temperature (multiclass) or Platt (per label)."""
+        a, b = self.scale
+        return base_margin(proba, self.task) * a + b
 
-            X = xgb.DMatrix(X)
-        out = [np.asarray(b.predict(X), dtype=np.float64) for b in self.boosters]
-        return out[0].reshape(-1, self.n_classes) if self.task == "multiclass" else np.column_stack(out)
+    def predict(self, proba) -> np.ndarray:
+        X, base = stack_features(proba, self.task, self.entropy), self._base(proba)
+        if self.task == "multiclass":
+            return _softmax(self._raw(self.boosters[0], X, base))
+        return _sigmoid(np.column_stack([self._raw(b, X, base[:, j]) for j, b in enumerate(self.boosters)]))
+
+    def _raw(self, booster, X, base) -> np.ndarray:
+        if self.method == "lgbm":
+            return base + booster.predict(X, raw_score=True)
+        import xgboost as xgb
+
+        return booster.predict(xgb.DMatrix(X, base_margin=base), output_margin=True).astype(np.float64)
 
     def files(self) -> dict[str, bytes]:
-        ext = "txt" if self.method == "lgbm" else "json"
-        dump = (lambda b: b.model_to_string().encode()) if self.method == "lgbm" else (lambda b: bytes(b.save_raw("json")))
-        return {f"booster{j}.{ext}": dump(b) for j, b in enumerate(self.boosters)}
+        scale = {"base_scale": self.scale[0].tolist(), "base_bias": self.scale[1].tolist()}
+        files = {"base.json": (json.dumps(scale) + "\n").encode()}
+        if self.method == "lgbm":
+            return {**files, **{f"booster{j}.txt": b.model_to_string().encode() for j, b in enumerate(self.boosters)}}
+        return {**files, **{f"booster{j}.json": bytes(b.save_raw("json")) for j, b in enumerate(self.boosters)}}
 
-    def load(self, folder: Path, n_boosters: int) -> "_Booster":
+    def load(self, folder: Path) -> "_Booster":
         import lightgbm as lgb
         import xgboost as xgb
 
+        scale = json.loads((folder / "base.json").read_text())
+        self.scale = (np.array(scale["base_scale"]), np.array(scale["base_bias"]))
         self.boosters = []
-        for j in range(n_boosters):
+        for j in range(1 if self.task == "multiclass" else self.n_classes):
             if self.method == "lgbm":
                 self.boosters.append(lgb.Booster(model_file=str(folder / f"booster{j}.txt")))
             else:
-                b = xgb.Booster()
-                b.load_model(str(folder / f"booster{j}.json"))
-                self.boosters.append(b)
+                booster = xgb.Booster()
+                booster.load_model(str(folder / f"booster{j}.json"))
+                self.boosters.append(booster)
         return self
+
+
+def _fit_base_scale(raw: np.ndarray, y: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) so that raw * a + b is calibrated on these rows: one temperature for multiclass
+    (b = 0), a Platt scaling per label for multilabel. When the mean is miscalibrated (or the
+    models are noise) the trees then start from a sensible point, not from an overconfident one."""
+    if task == "multiclass":
+        from scipy.optimize import minimize_scalar
+
+        def loss(t):
+            z = raw * t
+            z = z - z.max(axis=1, keepdims=True)
+            return -(y * (z - np.log(np.exp(z).sum(axis=1, keepdims=True)))).sum(axis=1).mean()
+
+        t = minimize_scalar(loss, bounds=(0.0, 10.0), method="bounded").x
+        return np.array([t]), np.zeros(raw.shape[1])
+    a, b = np.ones(raw.shape[1]), np.zeros(raw.shape[1])
+    from sklearn.linear_model import LogisticRegression
+
+    for j in range(raw.shape[1]):
+        rows, labels, weight = _soft_rows(y[:, j], binary=True)
+        if len(np.unique(labels)) == 2:
+            model = LogisticRegression(C=1e4).fit(raw[rows, j:j + 1], labels, sample_weight=weight)
+            a[j], b[j] = model.coef_[0, 0], model.intercept_[0]
+    return a, b
 
 
 class _Linear:
-    """Ridge (a linear blend of probabilities) or logistic regression, on standardised features.
+    """Ridge or logistic regression with one weight per model, shared by the classes.
 
-    Ridge picks its L2 strength by generalised cross-validation (RidgeCV) on all
-    training rows; logistic regression picks C on the inner fold, then refits
-    on all training rows.
+    Each (row, class) pair is a sample whose features are every model's value
+    for that class (logits for logistic regression, probabilities for ridge)
+    plus, for multiclass, a one-hot of the class (a bias per class); the target
+    is y_true for that cell. Multiclass fits one model over all classes and
+    renormalises the rows; multilabel fits one model per label. A full
+    (models x classes) x classes coefficient matrix overfits the few thousand
+    rows a stacker usually has; this is the weighted blend with a calibration.
+    Ridge picks its L2 strength by generalised CV (RidgeCV); logistic regression
+    picks C on the inner fold, then refits on all training rows.
     """
 
-    C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+    C_GRID = (0.01, 0.1, 1.0, 10.0)
+    RIDGE_FLOOR = 1e-4  # ridge is a regression: clip its outputs here so every class stays possible
 
-    def __init__(self, method: str, task: str, n_classes: int, seed: int):
-        self.method, self.task, self.n_classes, self.seed = method, task, n_classes, seed
+    def __init__(self, method: str, task: str, n_classes: int, seed: int, entropy: bool):
+        self.method, self.task, self.n_classes, self.seed, self.entropy = method, task, n_classes, seed, entropy
 
-    def fit(self, X, y, X_val, y_val) -> "_Linear":
-        from sklearn.linear_model import RidgeCV
+    def _design(self, proba) -> list[np.ndarray]:
+        """One design matrix per fitted model: [all (row, class) pairs] for multiclass, [rows] per label."""
+        feats = per_class_features(proba, self.task, "logit" if self.method == "logreg" else "proba", self.entropy)
+        n, n_classes, _ = feats.shape
+        if self.task == "multilabel":
+            return [feats[:, j] for j in range(n_classes)]
+        return [np.hstack([feats.reshape(n * n_classes, -1), np.tile(np.eye(n_classes), (n, 1))])]
 
+    def fit(self, proba, y, proba_val, y_val) -> "_Linear":
         from ensemble.metrics import log_loss
 
-        n_fit = len(X)
-        X, y = np.vstack([X, X_val]), np.concatenate([y, y_val])
-        self.mean = X.mean(axis=0)
-        self.scale = X.std(axis=0)
+        designs = self._design(np.concatenate([proba, proba_val], axis=1))
+        y_all = np.concatenate([y, y_val])
+        targets = [y_all.reshape(-1)] if self.task == "multiclass" else list(y_all.T)
+        self.mean = np.array([d.mean(axis=0) for d in designs])
+        self.scale = np.array([d.std(axis=0) for d in designs])
         self.scale[self.scale == 0] = 1.0
-        Z = (X - self.mean) / self.scale
+        Z = [(d - m) / s for d, m, s in zip(designs, self.mean, self.scale)]
         if self.method == "ridge":
-            model = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(Z, y)
-            self.coef, self.intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
-            self.C = float(model.alpha_)
+            from sklearn.linear_model import RidgeCV
+
+            models = [RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(z, t) for z, t in zip(Z, targets)]
+            self.coef = np.array([m.coef_ for m in models])
+            self.intercept = np.array([m.intercept_ for m in models])
+            self.C = np.array([m.alpha_ for m in models])
             return self
+        n_fit = proba.shape[1] * (self.n_classes if self.task == "multiclass" else 1)  # design rows before the inner fold
         losses = []
         for C in self.C_GRID:
-            self._fit_logreg(Z[:n_fit], y[:n_fit], C)
-            losses.append(log_loss(y[n_fit:], self.predict(X[n_fit:]), self.task))
-        self.C = self.C_GRID[int(np.argmin(losses))]
-        self._fit_logreg(Z, y, self.C)
+            self._fit_logreg([z[:n_fit] for z in Z], [t[:n_fit] for t in targets], C)
+            losses.append(log_loss(y_val, self.predict(proba_val), self.task))
+        self.C = np.array([self.C_GRID[int(np.argmin(losses))]])
+        self._fit_logreg(Z, targets, float(self.C[0]))
         return self
 
-    def _fit_logreg(self, Z, y, C) -> None:
+    def _fit_logreg(self, Z, targets, C) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        self.coef = np.zeros((self.n_classes, Z.shape[1]))
-        self.intercept = np.zeros(self.n_classes)
-        for j in [None] if self.task == "multiclass" else range(self.n_classes):
-            Ze, labels, weight = _expand_soft(Z, y if j is None else y[:, j], self.task)
-            if len(np.unique(labels)) < 2:  # one class only in these rows: a constant at its smoothed rate
-                rate = (y[:, j].sum() + 0.5) / (len(y) + 1) if j is not None else 1.0
-                if j is not None:
-                    self.intercept[j] = np.log(rate / (1 - rate))
-                else:
-                    self.intercept[:] = -20.0
-                    self.intercept[int(labels[0])] = 0.0
+        coef, intercept = [], []
+        for z, t in zip(Z, targets):
+            rows, labels, weight = _soft_rows(t, binary=True)
+            if len(np.unique(labels)) < 2:  # a label that never (or always) occurs: its smoothed rate
+                rate = (t.sum() + 0.5) / (len(t) + 1)
+                coef.append(np.zeros(z.shape[1]))
+                intercept.append(np.log(rate / (1 - rate)))
                 continue
-            model = LogisticRegression(C=C, max_iter=2000, random_state=self.seed).fit(Ze, labels, sample_weight=weight)
-            if j is None:  # multiclass: map the classes seen in these rows back to all classes
-                seen = model.classes_.astype(int)
-                coef = model.coef_ if len(seen) > 2 else np.vstack([np.zeros_like(model.coef_), model.coef_])
-                icpt = model.intercept_ if len(seen) > 2 else np.r_[0.0, model.intercept_]
-                self.intercept[:] = icpt.min() - 20.0  # classes never seen in training: ~e^-20
-                self.coef[seen], self.intercept[seen] = coef, icpt
-            else:
-                self.coef[j], self.intercept[j] = model.coef_[0], model.intercept_[0]
+            model = LogisticRegression(C=C, max_iter=1000, random_state=self.seed)
+            model.fit(z[rows], labels, sample_weight=weight)
+            coef.append(model.coef_[0])
+            intercept.append(model.intercept_[0])
+        self.coef, self.intercept = np.array(coef), np.array(intercept)
 
-    def predict(self, X) -> np.ndarray:
-        z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
+    def predict(self, proba) -> np.ndarray:
+        z = np.column_stack([((d - m) / s) @ c + b for d, m, s, c, b in
+                             zip(self._design(proba), self.mean, self.scale, self.coef, self.intercept)])
         if self.method == "logreg":
-            return _softmax(z) if self.task == "multiclass" else 1 / (1 + np.exp(-z))
+            p = _sigmoid(z)
+        else:
+            p = np.clip(z, self.RIDGE_FLOOR, 1 - self.RIDGE_FLOOR)
         if self.task == "multilabel":
-            return np.clip(z, _P_CLIP, 1 - _P_CLIP)
-        z = np.clip(z, 1e-3, 1.0)  # ridge is a regression: keep every class possible, then renormalise
-        return z / z.sum(axis=1, keepdims=True)
+            return p
+        p = p.reshape(proba.shape[1], self.n_classes)
+        return p / p.sum(axis=1, keepdims=True)
 
     def files(self) -> dict[str, bytes]:
         import io
@@ -248,24 +343,27 @@ class _Linear:
         np.savez(buf, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept, C=self.C)
         return {"coef.npz": buf.getvalue()}
 
-    def load(self, folder: Path, n_boosters: int = 0) -> "_Linear":
+    def load(self, folder: Path) -> "_Linear":
         with np.load(folder / "coef.npz") as npz:
-            self.mean, self.scale, self.coef, self.intercept = (npz[k] for k in ("mean", "scale", "coef", "intercept"))
-            self.C = float(npz["C"])
+            self.mean, self.scale, self.coef, self.intercept, self.C = (
+                npz[k] for k in ("mean", "scale", "coef", "intercept", "C"))
         return self
 
 
-def create_meta_model(method: str, task: str, n_classes: int, smoke: bool = False, seed: int = 0):
+def create_meta_model(method: str, task: str, n_classes: int, smoke: bool = False, seed: int = 0,
+                      entropy: bool = False):
     """An unfitted one-fold meta-model: 'lgbm', 'xgb', 'ridge' or 'logreg'."""
     if method in ("lgbm", "xgb"):
-        return _Booster(method, task, n_classes, max_rounds=60 if smoke else 1000, seed=seed)
+        return _Booster(method, task, n_classes, 60 if smoke else 1000, seed, entropy)
     if method in ("ridge", "logreg"):
-        return _Linear(method, task, n_classes, seed)
+        return _Linear(method, task, n_classes, seed, entropy)
     raise UserError(f"The 'method' parameter must be one of {list(META_METHODS)}. Got {method!r} instead.")
 
 
-def _feature_kind(method: str) -> str:
-    return "logit" if method == "logreg" else "proba"
+def _feature_spec(method: str, entropy: bool) -> dict:
+    if method in ("lgbm", "xgb"):
+        return {"layout": "stacked", "values": "proba", "entropy": entropy, "base_margin": "mean"}
+    return {"layout": "per_class", "values": "logit" if method == "logreg" else "proba", "entropy": entropy}
 
 
 # ------------------------------------------------------------------ level-2 cross-validation
@@ -286,46 +384,41 @@ class MetaFit:
 
 def fit_meta(method: str, oof: np.ndarray, y_true: np.ndarray, folds: np.ndarray, test: np.ndarray, task: str,
              entropy: bool = False, smoke: bool = False, seed: int = 0) -> MetaFit:
-    """Train `method` with the level-1 folds: fold f's model never sees fold f's rows."""
-    kind = _feature_kind(method)
-    X, X_test = stack_features(oof, task, kind, entropy), stack_features(test, task, kind, entropy)
-    n_classes = y_true.shape[1]
+    """Train `method` with the level-1 folds: fold f's model never sees fold f's rows.
+
+    oof, test: models x rows x classes level-1 probabilities; y_true: rows x classes.
+    """
     fold_values = np.unique(folds)
     if len(fold_values) < 3:
         raise UserError(f"{method} needs at least 3 folds (one held out, one inner fold for early stopping or "
-                        f"tuning); folds.csv has "
-                        f"{len(fold_values)}.")
-    result = MetaFit(method, np.zeros_like(y_true), np.zeros((len(X_test), n_classes)), np.zeros_like(y_true))
+                        f"tuning); folds.csv has {len(fold_values)}.")
+    n_classes = y_true.shape[1]
+    result = MetaFit(method, np.zeros_like(y_true, dtype=np.float64), np.zeros((test.shape[1], n_classes)),
+                     np.zeros_like(y_true, dtype=np.float64))
     with threadpool_limits(1):  # small problems: threads cost more than they give (LightGBM/XGBoost use 1 too)
         for i, f in enumerate(fold_values):
-            _fit_fold(result, method, i, fold_values, X, X_test, y_true, folds, task, smoke, seed)
-    result.spec = {"method": method, "task": task, "features": {"kind": kind, "entropy": entropy},
-                   "folds": [f.item() for f in fold_values],
-                   "boosters_per_fold": (1 if task == "multiclass" else n_classes) if method in ("lgbm", "xgb") else 0,
+            inner = fold_values[(i + 1) % len(fold_values)]  # early stopping / tuning rows: another training fold
+            train, valid, held = (folds != f) & (folds != inner), folds == inner, folds == f
+            constant = {}
+            if task == "multilabel":  # a label that never (or always) occurs in the training rows: smoothed rate
+                seen = y_true[~held]
+                rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
+                constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
+            model = create_meta_model(method, task, n_classes, smoke, seed, entropy)
+            model.fit(oof[:, train], y_true[train], oof[:, valid], y_true[valid])
+            result.fold_models[f.item()] = model
+            result.constant[f.item()] = constant
+            result.oof[held] = _predict_fold(model, constant, oof[:, held])
+            result.test += _predict_fold(model, constant, test) / len(fold_values)
+            result.in_sample += _predict_fold(model, constant, oof) / len(fold_values)
+    result.spec = {"method": method, "task": task, "n_classes": n_classes, "entropy": entropy,
+                   "features": _feature_spec(method, entropy), "folds": [f.item() for f in fold_values],
                    "constant_labels": {str(f): c for f, c in result.constant.items()}}
     return result
 
 
-def _fit_fold(result: MetaFit, method, i, fold_values, X, X_test, y_true, folds, task, smoke, seed) -> None:
-    """Fit fold `fold_values[i]`'s model on the other folds and add its predictions to `result`."""
-    f = fold_values[i]
-    inner = fold_values[(i + 1) % len(fold_values)]  # early-stopping / tuning rows: another training fold
-    train, valid, held = (folds != f) & (folds != inner), folds == inner, folds == f
-    constant = {}
-    if task == "multilabel":  # a label that never (or always) occurs in the training rows gets its smoothed rate
-        seen = y_true[~held]
-        rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
-        constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
-    model = create_meta_model(method, task, y_true.shape[1], smoke, seed).fit(X[train], y_true[train], X[valid], y_true[valid])
-    result.fold_models[f.item()] = model
-    result.constant[f.item()] = constant
-    result.oof[held] = _predict_fold(model, constant, X[held])
-    result.test += _predict_fold(model, constant, X_test) / len(fold_values)
-    result.in_sample += _predict_fold(model, constant, X) / len(fold_values)
-
-
-def _predict_fold(model, constant: dict, X: np.ndarray) -> np.ndarray:
-    pred = model.predict(X)
+def _predict_fold(model, constant: dict, proba: np.ndarray) -> np.ndarray:
+    pred = model.predict(proba)
     for j, p in constant.items():
         pred[:, j] = p
     return pred
@@ -337,22 +430,23 @@ def load_meta(folder) -> "LoadedMeta":
     spec = json.loads((folder / "meta.json").read_text())
     models = {}
     for f in spec["folds"]:
-        model = create_meta_model(spec["method"], spec["task"], len(spec["classes"]))
-        models[f] = model.load(folder / f"fold{f}", spec["boosters_per_fold"])
+        model = create_meta_model(spec["method"], spec["task"], spec["n_classes"], entropy=spec["entropy"])
+        models[f] = model.load(folder / f"fold{f}")
     return LoadedMeta(spec, models)
 
 
 @dataclass
 class LoadedMeta:
+    """A meta-model read back from meta/<method>/: the spec (meta.json) and the fold models."""
+
     spec: dict
     fold_models: dict
 
     def predict(self, proba: np.ndarray) -> np.ndarray:
         """Mean of the fold models' predictions for models x rows x classes level-1 probabilities."""
-        feats = self.spec["features"]
-        X = stack_features(proba, self.spec["task"], feats["kind"], feats["entropy"])
         constant = self.spec["constant_labels"]
-        preds = [_predict_fold(m, {int(j): p for j, p in constant[str(f)].items()}, X) for f, m in self.fold_models.items()]
+        preds = [_predict_fold(m, {int(j): p for j, p in constant[str(f)].items()}, proba)
+                 for f, m in self.fold_models.items()]
         return np.mean(preds, axis=0)
 
 

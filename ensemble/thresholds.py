@@ -52,35 +52,35 @@ def best_global_threshold(y_true, proba, beta: float = 2.0, average: str = "samp
 
     All cells are sorted once; lowering the threshold past a cell switches it on,
     which changes one group's F (the cell's image for samples, its label for
-    macro, everything for micro) by an amount known from that group's counts
-    at that moment, so a cumulative sum scores every cut.
+    macro, everything for micro) by an amount known from that group's counts at
+    that moment: its rank and cumulative true positives within the group, from
+    one sort per row (or column). A cumulative sum over the global order then
+    scores every cut. (Stable sorts order tied cells the same way in both.)
     """
     y_bin, proba = _validate(y_true, proba, beta, average)
-    n, n_labels = proba.shape
     flat = proba.ravel()
     order = np.argsort(-flat, kind="stable")
     scores = flat[order]
-    hits = y_bin.ravel()[order]
-    if average == "samples":
-        group, n_groups, n_true = order // n_labels, n, y_bin.sum(axis=1)
-    elif average == "macro":
-        group, n_groups, n_true = order % n_labels, n_labels, y_bin.sum(axis=0)
+    if average == "micro":
+        hits = y_bin.ravel()[order]
+        tp = np.cumsum(hits)
+        rank = np.arange(1, len(order) + 1)
+        n_true = y_bin.sum()
+        delta = fbeta_from_counts(tp, n_true, rank, beta) - fbeta_from_counts(tp - hits, n_true, rank - 1, beta)
+        n_groups = 1
     else:
-        group, n_groups, n_true = np.zeros(len(order), dtype=np.int64), 1, np.array([y_bin.sum()])
-    # Rank and true-positive count of each cell within its group, in the global order.
-    by_group = np.argsort(group, kind="stable")
-    g_sorted = group[by_group]
-    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
-    sizes = np.diff(np.r_[starts, len(order)])
-    first = np.repeat(starts, sizes)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[by_group] = np.arange(len(order)) - first + 1
-    h = hits[by_group].astype(np.int64)
-    tp_cum = np.cumsum(h)
-    tp = np.empty(len(order), dtype=np.int64)
-    tp[by_group] = tp_cum - np.repeat(np.r_[0, tp_cum][starts], sizes)
-    t = n_true[group]
-    delta = fbeta_from_counts(tp, t, rank, beta) - fbeta_from_counts(tp - hits, t, rank - 1, beta)
+        axis = 1 if average == "samples" else 0
+        within = np.argsort(-proba, axis=axis, kind="stable")
+        size = proba.shape[axis]
+        ranks = np.arange(1, size + 1).reshape((1, size) if axis == 1 else (size, 1))
+        rank = np.empty(proba.shape, dtype=np.int64)
+        np.put_along_axis(rank, within, np.broadcast_to(ranks, proba.shape), axis=axis)
+        tp = np.empty(proba.shape, dtype=np.int64)
+        np.put_along_axis(tp, within, np.cumsum(np.take_along_axis(y_bin, within, axis=axis), axis=axis), axis=axis)
+        n_true = y_bin.sum(axis=axis, keepdims=True)
+        delta = (fbeta_from_counts(tp, n_true, rank, beta)
+                 - fbeta_from_counts(tp - y_bin, n_true, rank - 1, beta)).ravel()[order]
+        n_groups = proba.shape[1 - axis]
     total = np.r_[0.0, np.cumsum(delta)] / n_groups
     total[~_valid_cuts(scores)] = -np.inf
     k = int(np.argmax(total))
@@ -99,6 +99,45 @@ def _validate(y_true, proba, beta, average) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(proba).all():
         raise UserError("proba holds NaN or inf; thresholds need finite scores.")
     return y_true >= 0.5, proba
+
+
+class _Counts:
+    """Per-image and per-label counts of the current predictions, updated one label at a time."""
+
+    def __init__(self, y_bin: np.ndarray, pred: np.ndarray):
+        self.y, self.pred = y_bin, pred  # pred is updated in place
+        hit = pred & y_bin
+        self.tp_row, self.pred_row, self.true_row = hit.sum(axis=1), pred.sum(axis=1), y_bin.sum(axis=1)
+        self.tp_col, self.pred_col, self.true_col = hit.sum(axis=0), pred.sum(axis=0), y_bin.sum(axis=0)
+
+    def set_label(self, j: int, new: np.ndarray) -> None:
+        d_pred = new.astype(np.int64) - self.pred[:, j]
+        d_tp = d_pred * self.y[:, j]
+        self.tp_row += d_tp
+        self.pred_row += d_pred
+        self.tp_col[j] += d_tp.sum()
+        self.pred_col[j] += d_pred.sum()
+        self.pred[:, j] = new
+
+    def label_totals(self, j: int, order: np.ndarray, beta: float, average: str) -> np.ndarray:
+        """Score for k = 0..n: label j on for its top-k rows, every other label as it is."""
+        y_j, on_j = self.y[:, j], self.pred[:, j]
+        n = len(y_j)
+        if average == "samples":
+            tp_rest = self.tp_row - (on_j & y_j)
+            pred_rest = self.pred_row - on_j
+            f_off = fbeta_from_counts(tp_rest, self.true_row, pred_rest, beta)
+            gain = fbeta_from_counts(tp_rest + y_j, self.true_row, pred_rest + 1, beta) - f_off
+            return (f_off.sum() + np.r_[0.0, np.cumsum(gain[order])]) / n
+        tp_cum = np.r_[0, np.cumsum(y_j[order])]
+        k = np.arange(n + 1)
+        if average == "micro":
+            tp_rest = self.tp_col.sum() - self.tp_col[j]
+            pred_rest = self.pred_col.sum() - self.pred_col[j]
+            return fbeta_from_counts(tp_rest + tp_cum, self.true_col.sum(), pred_rest + k, beta)
+        per_label = fbeta_from_counts(self.tp_col, self.true_col, self.pred_col, beta)
+        rest = per_label.sum() - per_label[j]
+        return (rest + fbeta_from_counts(tp_cum, self.true_col[j], k, beta)) / len(per_label)
 
 
 class LabelThresholds:
@@ -122,19 +161,19 @@ class LabelThresholds:
         self.global_threshold_, self.global_score_ = best_global_threshold(y_bin, proba, self.beta, self.average)
         thresholds = np.full(proba.shape[1], self.global_threshold_)
         pred = proba >= thresholds
+        orders = np.argsort(-proba, axis=0, kind="stable")  # each label sorted once, for every pass
+        sorted_desc = np.take_along_axis(proba, orders, axis=0)
+        counts = _Counts(y_bin, pred)
         self.trajectory_ = [fbeta_binary(y_bin, pred, self.beta, self.average)]
         for _ in range(_MAX_PASSES):
             moved = False
             for j in range(proba.shape[1]):
-                order = np.argsort(-proba[:, j], kind="stable")
-                sorted_desc = proba[order, j]
-                totals = self._label_totals(y_bin, pred, j, order)
-                current = int(pred[:, j].sum())
-                totals[~_valid_cuts(sorted_desc)] = -np.inf
-                k = int(np.argmax(totals))
+                totals = counts.label_totals(j, orders[:, j], self.beta, self.average)
+                totals[~_valid_cuts(sorted_desc[:, j])] = -np.inf
+                k, current = int(np.argmax(totals)), int(pred[:, j].sum())
                 if totals[k] > totals[current] + _TOL:
-                    thresholds[j] = _cut_threshold(sorted_desc, k)
-                    pred[:, j] = proba[:, j] >= thresholds[j]
+                    thresholds[j] = _cut_threshold(sorted_desc[:, j], k)
+                    counts.set_label(j, proba[:, j] >= thresholds[j])
                     moved = True
             self.trajectory_.append(fbeta_binary(y_bin, pred, self.beta, self.average))
             if not moved:
@@ -143,27 +182,6 @@ class LabelThresholds:
         self.score_ = self.trajectory_[-1]
         self.n_passes_ = len(self.trajectory_) - 1
         return self
-
-    def _label_totals(self, y_bin, pred, j, order) -> np.ndarray:
-        """Score for k = 0..n rows of label j on (top k by score), all other labels as in `pred`."""
-        beta, n, n_labels = self.beta, len(pred), pred.shape[1]
-        y_j = y_bin[:, j]
-        if self.average == "samples":
-            tp_rest = (pred & y_bin).sum(axis=1) - (pred[:, j] & y_j)
-            pred_rest = pred.sum(axis=1) - pred[:, j]
-            n_true = y_bin.sum(axis=1)
-            f_off = fbeta_from_counts(tp_rest, n_true, pred_rest, beta)
-            gain = fbeta_from_counts(tp_rest + y_j, n_true, pred_rest + 1, beta) - f_off
-            return (f_off.sum() + np.r_[0.0, np.cumsum(gain[order])]) / n
-        tp_cum = np.r_[0, np.cumsum(y_j[order])]
-        k = np.arange(n + 1)
-        if self.average == "micro":
-            tp_rest = (pred & y_bin).sum() - (pred[:, j] & y_j).sum()
-            pred_rest = pred.sum() - pred[:, j].sum()
-            return fbeta_from_counts(tp_rest + tp_cum, y_bin.sum(), pred_rest + k, beta)
-        per_label = fbeta_from_counts((pred & y_bin).sum(axis=0), y_bin.sum(axis=0), pred.sum(axis=0), beta)
-        rest = per_label.sum() - per_label[j]
-        return (rest + fbeta_from_counts(tp_cum, y_j.sum(), k, beta)) / n_labels
 
     def predict(self, proba) -> np.ndarray:
         """0/1 predictions (rows x labels) at the fitted thresholds."""

@@ -29,17 +29,10 @@ import pandas as pd
 import torch
 
 from ensemble import metrics as metrics_mod
-from ensemble.data import (
-    DecodedCache,
-    ImageDataset,
-    Target,
-    cache_path,
-    create_loader,
-    encode_targets,
-    normalize_batch,
-    read_manifest,
-)
+from ensemble.artifacts import fold_dir, mark_complete, read_metrics, stage_of, total_epochs
+from ensemble.data import Target, encode_targets, read_manifest
 from ensemble.io import atomic_path, write_json, write_parquet
+from ensemble.loader import DecodedCache, ImageDataset, cache_path, create_loader, normalize_batch
 from ensemble.models import create_model, frozen_bn_eval, set_backbone_frozen
 
 
@@ -52,29 +45,6 @@ class FoldResult:
     metric: str
     epochs: int
     complete: bool
-
-
-def fold_dir(run_dir: Path, model_id: str, fold: int) -> Path:
-    return Path(run_dir) / "models" / model_id / f"fold{fold}"
-
-
-def read_metrics(run_dir: Path, model_id: str, fold: int) -> dict | None:
-    path = fold_dir(run_dir, model_id, fold) / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def total_epochs(config: dict) -> int:
-    return sum(stage["epochs"] for stage in config["stages"])
-
-
-def stage_of(config: dict, epoch: int) -> tuple[int, dict, int]:
-    """(stage index, stage, epoch index inside the stage) of a 0-based global epoch."""
-    start = 0
-    for i, stage in enumerate(config["stages"]):
-        if epoch < start + stage["epochs"]:
-            return i, stage, epoch - start
-        start += stage["epochs"]
-    raise IndexError(f"epoch {epoch} is past the last stage")
 
 
 def is_better(score: float, best: float, mode: str) -> bool:
@@ -294,15 +264,11 @@ class FoldTrainer:
 
 
 
-def mark_complete(run_dir: str | os.PathLike, model_id: str, fold: int, stopped: str | None = None) -> None:
-    """Mark a fold complete: all epochs done, or the whole model stopped early."""
-    metrics = read_metrics(Path(run_dir), model_id, fold)
-    metrics.update(complete=True, stopped=stopped)
-    write_json(metrics, fold_dir(Path(run_dir), model_id, fold) / "metrics.json")
-
-
 def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int, *, cpus: float = 1.0) -> dict:
-    """Bring a fold to `epoch` finished epochs (from its checkpoint) and return that epoch's metrics."""
+    """Bring a fold to `epoch` finished epochs (from its checkpoint); return that epoch's metrics.
+
+    The sweep's fold task: one call trains a fold through all its epochs, so the
+    model, data and worker process stay warm between epochs."""
     trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
     trainer.restore()
     while trainer.epoch < epoch:
@@ -319,16 +285,3 @@ def train_fold(config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: flo
     mark_complete(run_dir, config["model_id"], fold)
     return FoldResult(config["model_id"], fold, trainer.best["epoch"], trainer.best["score"], config["metric"],
                       trainer.epoch, True)
-
-
-def finalize_model(config: dict, run_dir: str | os.PathLike) -> Path:
-    """When all k folds are complete: the model's oof.parquet (every training id once) and config.json."""
-    model_dir = Path(run_dir) / "models" / config["model_id"]
-    parts = [pd.read_parquet(fold_dir(run_dir, config["model_id"], f) / "oof.parquet") for f in range(config["k"])]
-    oof = pd.concat(parts, ignore_index=True)
-    folds = pd.read_csv(Path(run_dir) / "folds.csv", dtype={"id": str})
-    assert len(oof) == len(folds) and set(oof["id"]) == set(folds["id"]), "OOF rows must cover folds.csv exactly"
-    oof = oof.set_index("id").loc[folds["id"]].reset_index()
-    write_json(config, model_dir / "config.json")
-    write_parquet(oof, model_dir / "oof.parquet")
-    return model_dir

@@ -1,14 +1,14 @@
 """The sweep: `python -m ensemble.tune --space NAME` trains every backbone x param set x fold on Ray.
 
 How folds become a unit (docs/design.md has the measurements behind it):
-one Ray Tune trial per *model* (backbone + param set). The trial itself holds
-almost no resources; each epoch it submits one Ray task per fold, with the
-space's per-fold resources (`gpu: 0.5` packs two folds on a GPU), waits for
-all k, and reports the folds' mean metric to Tune. So ASHA and early stopping
-decide per param set, never leaving a model with some folds pruned, and the
-Ray scheduler fills every CPU/GPU of the cluster with fold-epochs of all the
-models in flight. CPU task workers are reused between tasks, so the torch and
-timm imports are paid once per worker, not once per trial.
+one Ray Tune trial per *model* (backbone + param set), see `ensemble.trial`.
+The trial holds no CPU; it submits one Ray task per fold with the space's
+per-fold resources (`gpu: 0.5` packs two folds on a GPU) and reports the
+folds' mean metric to Tune each epoch. So ASHA and early stopping decide per
+param set, never leaving a model with some folds pruned, and the Ray scheduler
+fills every CPU/GPU of the cluster with the folds of all models in flight. CPU
+task workers are reused between tasks, so the torch and timm imports are paid
+once per worker, not once per trial.
 
 Resume does not depend on Tune's experiment state (which breaks when a run
 directory moves): every fold continues from its own `last.pt`, and finished or
@@ -29,12 +29,11 @@ import numpy as np
 import pandas as pd
 
 from ensemble import datasets, folds as folds_mod, spaces
-from ensemble.data import Target, compute_normalization, read_manifest, resolve_target
+from ensemble.artifacts import model_state, read_metrics, total_epochs
+from ensemble.data import Target, read_manifest, resolve_target
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json
-from ensemble.train import fold_dir, read_metrics, total_epochs
-
-STATUS_FILE = "status.json"  # models/<id>/status.json: {"state": "pruned", ...} for ASHA-stopped models
+from ensemble.trial import pruned_callback, run_model
 
 
 # --------------------------------------------------------------------------- launch-time preparation
@@ -141,7 +140,7 @@ def _normalization(raw: dict, spec, manifest, frame: pd.DataFrame) -> dict:
 
 
 def _dataset_normalization(manifest, frame, raw, size: int, sample: int = 512) -> dict:
-    from ensemble.data import ImageDataset
+    from ensemble.loader import ImageDataset, compute_normalization
 
     rng = np.random.default_rng(raw["seed"])
     ids = set(frame["id"])
@@ -150,88 +149,6 @@ def _dataset_normalization(manifest, frame, raw, size: int, sample: int = 512) -
     dataset = ImageDataset(picked, None, size, preprocess=raw["data"].get("preprocess", "pad"))
     mean, std = compute_normalization(np.stack([dataset.load(i) for i in range(len(picked))]))
     return {"mean": list(mean), "std": list(std)}
-
-
-# --------------------------------------------------------------------------- the Tune trainable
-
-
-def model_state(run_dir: Path, config: dict) -> str:
-    """'complete', 'pruned' or 'todo', from the model's own artifacts."""
-    model_dir = run_dir / "models" / config["model_id"]
-    if (model_dir / "oof.parquet").exists():
-        return "complete"
-    status = model_dir / STATUS_FILE
-    if status.exists() and json.loads(status.read_text()).get("state") == "pruned":
-        return "pruned"
-    return "todo"
-
-
-def _fold_epoch_task(config: dict, fold: int, run_dir: str, epoch: int) -> dict:
-    from ensemble.train import train_until
-
-    return train_until(config, fold, run_dir, epoch, cpus=config["resources"].get("cpu", 1))
-
-
-def run_model(tune_config: dict) -> None:
-    """One Tune trial: all k folds of one model, epoch by epoch, reporting the folds' mean."""
-    import ray
-    from ray import tune
-
-    from ensemble.train import finalize_model, mark_complete
-
-    run_dir = Path(tune_config["run_dir"])
-    config = json.loads((run_dir / "models" / tune_config["model_id"] / "config.json").read_text())
-    # Resources come from the launch, not config.json: a resumed sweep may run on other hardware.
-    resources, k, epochs = tune_config["resources"], config["k"], total_epochs(config)
-    config["resources"] = resources
-    metric, mode = config["metric"], config["mode"]
-    # A GPU worker keeps the CUDA context of the device it started on: never reuse it for another.
-    task = ray.remote(max_calls=1 if resources.get("gpu", 0) else 0)(_fold_epoch_task).options(
-        num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0),
-        # Fold tasks must not be captured by this trial's tiny placement group.
-        scheduling_strategy="DEFAULT",
-        max_retries=2,  # a killed worker process: rerun the epoch from the fold's last.pt
-    )
-    patience = (tune_config.get("early_stopping") or {}).get("patience", 0)
-    best, since_best = None, 0
-    for epoch in range(1, epochs + 1):
-        done = [read_metrics(run_dir, config["model_id"], f) for f in range(k)]
-        if all(m is not None and m["epochs"] >= epoch for m in done):
-            rows = [dict(m["history"][epoch - 1], fold=f) for f, m in enumerate(done)]  # resumed: replay
-        else:
-            rows = ray.get([task.remote(config, f, str(run_dir), epoch) for f in range(k)])
-        score = float(np.mean([r[metric] for r in rows]))
-        report = {metric: score, "epoch": epoch, "folds": k,
-                  **{f"fold{r['fold']}_{metric}": r[metric] for r in rows},
-                  "devices": ",".join(str(r.get("device", "")) for r in rows)}
-        stop = False
-        if best is None or (score < best if mode == "min" else score > best):
-            best, since_best = score, 0
-        else:
-            since_best += 1
-            stop = bool(patience) and since_best >= patience
-        if stop or epoch == epochs:
-            for f in range(k):
-                mark_complete(run_dir, config["model_id"], f, stopped=f"early stop at epoch {epoch}" if stop else None)
-            finalize_model(config, run_dir)
-        tune.report(report)
-        if stop:
-            return
-
-
-def _status_callback(run_dir: Path):
-    from ray import tune
-
-    class MarkPruned(tune.Callback):
-        """Record models that Tune's scheduler (ASHA) stopped, so --resume does not retrain them."""
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            model_id = trial.config["model_id"]
-            if not (run_dir / "models" / model_id / "oof.parquet").exists():
-                write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
-                           run_dir / "models" / model_id / STATUS_FILE)
-
-    return MarkPruned()
 
 
 # --------------------------------------------------------------------------- driver
@@ -287,7 +204,7 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
             run_config=tune.RunConfig(
                 name=f"attempt-{attempt}", storage_path=str(run_dir / "tune"), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=raw.get("max_failures", 2)),
-                callbacks=[_status_callback(run_dir)]),
+                callbacks=[pruned_callback(run_dir)]),
         )
         results = tuner.fit()
         errors = [r for r in results if r.error]

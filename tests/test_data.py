@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from ensemble import datasets
-from ensemble.data import (
+from ensemble.data import Target, encode_targets, read_manifest
+from ensemble.loader import (
     DecodedCache,
     ImageDataset,
-    Target,
     compute_normalization,
     create_loader,
-    encode_targets,
     loader_workers,
     normalize_batch,
-    read_manifest,
 )
 from ensemble.errors import UserError
 
@@ -241,9 +239,9 @@ def test_cache_returns_identical_tensors_and_skips_decoding(demo_dir, tmp_path, 
     cache = DecodedCache(tmp_path / "c.npy", len(paths), 32)
     first = [b[0] for b in create_loader(ImageDataset(paths, y, 32, cache=cache), 16)]
     assert cache.filled.all()
-    import ensemble.data as data_mod
+    import ensemble.loader as loader_mod
 
-    monkeypatch.setattr(data_mod, "decode_image", lambda p: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(loader_mod, "decode_image", lambda p: pytest.fail("decoded again despite the cache"))
     reopened = DecodedCache(tmp_path / "c.npy", len(paths), 32)  # another process / epoch reopens the file
     second = [b[0] for b in create_loader(ImageDataset(paths, y, 32, cache=reopened), 16)]
     for a, b, c in zip(plain, first, second):

@@ -147,3 +147,32 @@ def test_errors_name_the_parameter():
         GreedySelection().fit(np.where(proba > 0.9, np.nan, proba), y)
     with pytest.raises(UserError, match="not fitted"):
         GreedySelection().predict(proba)
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_select_ensemble_script_smoke(tmp_path, capsys):
+    from stack_fixtures import write_run
+
+    run = write_run(tmp_path / "run", n=200, seed=5)
+    _script("select_ensemble").main(["--run", str(run), "--metric", "log_loss", "--iterations", "50", "--smoke"])
+    out = capsys.readouterr().out
+    assert out.count("  step ") == 6 and "weights:" in out and "cross-validated over 4 folds" in out
+    with pytest.raises(SystemExit) as exc:
+        _script("select_ensemble").main(["--run", str(tmp_path / "missing")])
+    assert exc.value.code == 2
+
+
+def test_bench_stack_smoke(capsys):
+    _script("bench_stack").main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "log_loss  float32" in out and "python -m ensemble.stack" in out

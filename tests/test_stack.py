@@ -98,6 +98,9 @@ ERRORS = {
     "test ids": (lambda r: _edit(r, "vit-d4", "test.parquet", lambda f: _set_cell(f, 0, "id", "other")),
                  r"vit-d4/test.parquet: test ids differ from .*convnext-c3/test.parquet: 1 id \(other\) unexpected, "
                  r"1 id \(test0000\) missing"),
+    "folds.csv fold missing": (lambda r: pd.read_csv(r / "folds.csv").assign(fold=lambda f: f["fold"].clip(upper=2))
+                               .to_csv(r / "folds.csv", index=False),
+                               r"folds.csv: folds \[0, 1, 2\] but the models were trained with k=4 .*missing \[3\]"),
     "duplicate id": (lambda r: _edit(r, "vit-d4", "oof.parquet", lambda f: _set_cell(f, 1, "id", f.loc[0, "id"])),
                      r"vit-d4/oof.parquet: duplicate ids 1 id"),
 }
@@ -160,7 +163,7 @@ def test_meta_models_on_noise_score_at_chance(method, tmp_path_factory):
     chance = -(prior * np.log(prior)).sum()  # the best a model that knows only the class rates can do
     fit = stack.fit_meta(method, d.oof, d.y_true, d.folds, d.test, d.task, smoke=True)
     cv = log_loss(d.y_true, fit.oof)
-    assert chance - 0.01 < cv < chance + 0.03, (cv, chance)  # a leak (e.g. early stopping on the held-out fold) lands below
+    assert chance - 0.005 < cv < chance + 0.03, (cv, chance)  # a leak (e.g. early stopping on the held-out fold) lands below
     accuracy = (fit.oof.argmax(1) == d.y_true.argmax(1)).mean()
     assert abs(accuracy - prior.max()) < 0.06
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from ensemble import spaces, tune
-from ensemble.train import FoldTrainer, read_metrics, train_fold, train_until
+from ensemble.artifacts import read_metrics
+from ensemble.train import FoldTrainer, train_fold, train_until
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,129 @@
+"""One Ray Tune trial = one model (backbone + param set) = its k folds, trained as Ray tasks.
+
+Kept free of torch and timm on purpose: a trial process only submits its fold
+tasks and reads their metrics.json files, so it starts in about a second and
+uses no CPU share of its own (the fold tasks hold the resources).
+
+Each fold is one long task (all epochs: model, data and worker stay warm), and
+the trial reports epoch e to Tune once every fold has finished epoch e, with the
+folds' mean metric. ASHA and early stopping therefore decide per param set; when
+they stop a model, its fold tasks are cancelled together.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.artifacts import STATUS_FILE, finalize_model, mark_complete, read_metrics, total_epochs
+from ensemble.io import write_json
+
+POLL_SECONDS = 0.5
+
+
+def _fold_task(config: dict, fold: int, run_dir: str, epochs: int) -> dict:
+    from ensemble.train import train_until  # torch + timm: imported in the fold worker only
+
+    return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1))
+
+
+def fold_task(resources: dict):
+    """The remote fold task with one fold's resources (`gpu: 0.5` packs two folds on a GPU)."""
+    import ray
+
+    gpu = resources.get("gpu", 0)
+    # A GPU worker keeps the CUDA context of the device it started on: never reuse it for another.
+    return ray.remote(max_calls=1 if gpu else 0)(_fold_task).options(
+        num_cpus=resources.get("cpu", 1), num_gpus=gpu,
+        scheduling_strategy="DEFAULT",  # not captured by this trial's placement group
+        max_retries=2,  # a killed worker: the task reruns and continues from the fold's last.pt
+    )
+
+
+def run_model(tune_config: dict) -> None:
+    """The Tune trainable: train every fold of one model, report the folds' mean metric per epoch."""
+    import ray
+    from ray import tune
+
+    run_dir = Path(tune_config["run_dir"])
+    config = json.loads((run_dir / "models" / tune_config["model_id"] / "config.json").read_text())
+    # Resources come from this launch, not config.json: a resumed sweep may run on other hardware.
+    config["resources"] = tune_config["resources"]
+    k, epochs, metric, mode = config["k"], total_epochs(config), config["metric"], config["mode"]
+    patience = (tune_config.get("early_stopping") or {}).get("patience", 0)
+
+    task = fold_task(config["resources"])
+    pending = {}
+    for fold in range(k):
+        m = read_metrics(run_dir, config["model_id"], fold)
+        if not (m and m["complete"]):
+            pending[fold] = task.remote(config, fold, str(run_dir), epochs)
+    best, since_best = None, 0
+    try:
+        for epoch in range(1, epochs + 1):
+            rows = _wait_for_epoch(run_dir, config["model_id"], k, epoch, pending)
+            score = float(np.mean([r[metric] for r in rows]))
+            if best is None or (score < best if mode == "min" else score > best):
+                best, since_best = score, 0
+            else:
+                since_best += 1
+            stop = bool(patience) and since_best >= patience and epoch < epochs
+            if stop or epoch == epochs:
+                if stop:
+                    _cancel(pending)
+                else:  # let the tasks return normally: a warm worker is worth keeping
+                    ray.get(list(pending.values()))
+                    pending.clear()
+                for fold in range(k):
+                    mark_complete(run_dir, config["model_id"], fold,
+                                  stopped=f"early stop after epoch {epoch}" if stop else None)
+                finalize_model(config, run_dir)
+            tune.report({metric: score, "epoch": epoch, **{f"fold{f}_{metric}": r[metric] for f, r in enumerate(rows)}})
+            if stop:
+                return
+    finally:
+        _cancel(pending)  # stopped by the scheduler (ASHA) or failing: no orphaned fold tasks
+
+
+def _wait_for_epoch(run_dir: Path, model_id: str, k: int, epoch: int, pending: dict) -> list[dict]:
+    """Block until every fold has finished `epoch`; a failed fold task raises here."""
+    import ray
+
+    while True:
+        metrics = [read_metrics(run_dir, model_id, f) for f in range(k)]
+        if all(m is not None and m["epochs"] >= epoch for m in metrics):
+            return [m["history"][epoch - 1] for m in metrics]
+        refs = list(pending.values())
+        if not refs:
+            raise RuntimeError(f"{model_id}: no fold is training, yet epoch {epoch} is missing")
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_SECONDS)
+        for ref in done:
+            ray.get(ref)  # re-raises the fold's exception: Tune retries the trial from the checkpoints
+        for fold in [f for f, ref in pending.items() if ref in done]:
+            del pending[fold]  # finished: its metrics.json holds every epoch
+
+
+def _cancel(pending: dict) -> None:
+    import ray
+
+    for ref in pending.values():
+        # Not force: the task gets a KeyboardInterrupt and its worker process survives, warm.
+        # Checkpoints are written atomically, so an interrupted save leaves the last good one.
+        ray.cancel(ref)
+    pending.clear()
+
+
+def pruned_callback(run_dir: Path):
+    """A Tune callback that records models the scheduler stopped, so --resume does not retrain them."""
+    from ray import tune
+
+    class MarkPruned(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            model_dir = run_dir / "models" / trial.config["model_id"]
+            if not (model_dir / "oof.parquet").exists():
+                write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
+                           model_dir / STATUS_FILE)
+
+    return MarkPruned()

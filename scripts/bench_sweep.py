@@ -1,0 +1,96 @@
+"""Sweep efficiency: N equal fold-trainings on Ray Tune vs the ideal and vs a plain loop, same run.
+
+    python scripts/bench_sweep.py [--rows 4000] [--epochs 5] [--k 4] [--models 2]
+
+N = models x k equal trials (one trial = one backbone x fold x param set) of a
+real tiny timm model (test_resnet, 32 px) on the embedded demo digits, 1 CPU each.
+  (b) sequential  every trial in a plain Python loop in this process (imports warm)
+  (a) ideal       sum of the single-trial times / concurrent slots (the CPUs)
+      sweep       `run_sweep` makespan on a local Ray cluster (ray.init excluded)
+Prints efficiency = ideal / makespan (target >= 0.85 with ~20 s trials on 2 CPUs)
+and the speed-up over the sequential loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def write_space(folder: Path, rows: int, epochs: int, k: int, models: int) -> Path:
+    from ensemble import datasets
+
+    manifest = datasets.demo_manifest("multiclass")
+    frame = pd.read_csv(manifest).head(rows)
+    frame.to_csv(folder / "bench.csv", index=False)
+    space = {
+        "data": {"manifest": str(folder / "bench.csv"), "root": str(manifest.parent), "preprocess": "pad",
+                 "augment": "rotate:10+shift:0.1", "normalize": {"mean": [0.13] * 3, "std": [0.31] * 3}},
+        "folds": {"k": k, "strategy": "stratified", "seed": 0},
+        "backbones": ["test_resnet"],
+        "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32},
+        "search": {"weight_decay": {"grid": [round(0.01 * (i + 1), 3) for i in range(models)]}},
+        "epochs": epochs,
+        "metric": "log_loss",
+        "resources": {"cpu": 1},
+    }
+    path = folder / "bench.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--models", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import torch
+
+    from ensemble import spaces, tune
+    from ensemble.train import train_fold
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
+    try:
+        space = spaces.load_space(str(write_space(folder, args.rows, args.epochs, args.k, args.models)))
+        # (b) the plain loop: the same trials one after another, 1 thread each like a 1-CPU trial.
+        torch.set_num_threads(1)
+        configs = tune.prepare_run(space, folder / "loop", resume=False, smoke=False)
+        single = []
+        for config in configs:
+            for fold in range(config["k"]):
+                start = time.perf_counter()
+                train_fold(config, fold, folder / "loop", cpus=1)
+                single.append(time.perf_counter() - start)
+                print(f"  loop trial {len(single)}: {single[-1]:.1f} s", flush=True)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        tune.run_sweep(space, folder / "sweep", verbose=0)
+        makespan = time.perf_counter() - start
+        ray.shutdown()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ideal = sum(single) / args.cpus
+    print(f"{len(single)} trials (test_resnet, 32 px, {args.rows} rows, k={args.k}, {args.epochs} epochs), "
+          f"{args.cpus} CPUs, 1 CPU per trial")
+    print(f"single-trial time: mean {sum(single) / len(single):.1f} s (min {min(single):.1f}, max {max(single):.1f})")
+    print(f"sequential loop  : {sum(single):.1f} s")
+    print(f"ideal makespan   : {ideal:.1f} s")
+    print(f"sweep makespan   : {makespan:.1f} s")
+    print(f"efficiency (ideal / makespan): {ideal / makespan:.3f}  (target >= 0.85)")
+    print(f"speed-up over the sequential loop: {sum(single) / makespan:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
