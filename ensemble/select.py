@@ -13,10 +13,11 @@ weak ones, and the best-single guarantee no longer holds).
 
 Every candidate of an iteration is scored at once, vectorised over models:
 for multiclass log loss only the entries where y_true > 0 matter (one per row
-for hard labels), for accuracy the comparison of the true class with the row
-maximum; other metrics (F-beta, mAP) fall back to one metric call per
-candidate. Ties go to the lowest model index. The scores on the trajectory are
-always the exact metric of the ensemble.
+for hard labels; compared in float32, whose error is far below any difference
+that matters), for accuracy the true class against the row maximum (exact
+argmax semantics); other metrics (F-beta, mAP) fall back to one metric call
+per candidate. Ties go to the lowest model index. The scores on the
+trajectory are always the exact (float64) metric of the ensemble.
 
 Selection is fitted on the OOF predictions it is scored on, so its in-sample
 score is optimistic; `cross_val_predict` gives the honest one (select on k-1
@@ -152,9 +153,12 @@ class GreedySelection:
 
 
 def _chunks(models: np.ndarray, cells_per_model: int):
+    """(where in the output, which models) blocks; a slice when the models are consecutive (a view, not a copy)."""
     step = max(1, _CHUNK_CELLS // max(1, cells_per_model))
+    consecutive = len(models) > 0 and models[-1] - models[0] + 1 == len(models)
     for a in range(0, len(models), step):
-        yield slice(a, a + step), models[a: a + step]
+        block = models[a: a + step]
+        yield slice(a, a + step), (slice(int(block[0]), int(block[-1]) + 1) if consecutive else block)
 
 
 def _make_scorer(metric: Metric, task: str, proba: np.ndarray, y_true: np.ndarray):
@@ -170,15 +174,17 @@ def _make_scorer(metric: Metric, task: str, proba: np.ndarray, y_true: np.ndarra
 
 def _multiclass_log_loss(proba, y_true):
     # Cross-entropy only reads the cells where y_true > 0: gather them once (one per row for hard labels).
+    # Candidates are compared in float32: the log is the whole cost and runs 2.5x faster, and float32's
+    # 6e-8 relative error is far below any score difference that matters. Reported scores are exact.
     rows, cols = np.nonzero(y_true > 0)
-    dtype = proba.dtype
+    dtype = np.dtype(np.float32)
     weight = (y_true[rows, cols] / len(y_true)).astype(dtype)
     uniform = np.all(weight == weight[0])  # hard labels: a plain mean
     weight_total = float(weight.sum(dtype=np.float64))  # 1 when y_true rows sum to 1
-    gathered = proba[:, rows, cols]
+    gathered = proba[:, rows, cols].astype(dtype)
     row_sums = proba.sum(axis=2)
     # Kaggle renormalises rows; skip the division when every row already sums to 1 (< 1e-6 effect).
-    renorm = row_sums[:, rows] if np.abs(row_sums - 1).max() > 1e-6 else None
+    renorm = row_sums[:, rows].astype(dtype) if np.abs(row_sums - 1).max() > 1e-6 else None
 
     def score(total, n_picks, models):
         out = np.empty(len(models))
@@ -208,10 +214,11 @@ def _multilabel_log_loss(proba, y_true):
         for where, idx in _chunks(models, y_true.size):
             v = (total + proba[idx]) / (n_picks + 1)
             np.clip(v, EPS, 1 - EPS, out=v)
+            v = v.astype(np.float32)  # as for multiclass: compare in float32, report exactly
             if hard:  # one log per cell instead of two
-                ll = np.log(np.where(positive, v, 1 - v)).sum(axis=(1, 2))
+                ll = np.log(np.where(positive, v, 1 - v)).sum(axis=(1, 2), dtype=np.float64)
             else:
-                ll = (y_true * np.log(v) + (1 - y_true) * np.log1p(-v)).sum(axis=(1, 2))
+                ll = (y_true * np.log(v) + (1 - y_true) * np.log1p(-v)).sum(axis=(1, 2), dtype=np.float64)
             out[where] = -ll / denom
         return out
 
@@ -234,7 +241,7 @@ def _multiclass_accuracy(proba, y_true):
         for where, idx in _chunks(models, proba.shape[1] * proba.shape[2]):
             cand = total_t + by_class[idx]
             cand /= proba.dtype.type(n_picks + 1)  # as the metric sees the mean: dividing can merge or split ties
-            hits = np.zeros((len(idx),), dtype=np.int64)
+            hits = np.zeros(len(cand), dtype=np.int64)
             for y, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
                 if a == b:
                     continue

@@ -13,6 +13,7 @@ they stop a model, its fold tasks are cancelled together.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,40 @@ def _fold_task(config: dict, fold: int, run_dir: str, epochs: int) -> dict:
     from ensemble.train import train_until  # torch + timm: imported in the fold worker only
 
     return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1))
+
+
+def _warm_up() -> None:
+    import ensemble.train  # noqa: F401  (torch + timm: ~4 s of imports)
+
+
+def warm_up_workers(resources: dict, slots: int) -> list:
+    """Import torch and timm in `slots` CPU workers while Tune starts its trials.
+
+    CPU workers are reused by the fold tasks that follow, so the sweep's first
+    epochs do not wait for the imports. GPU fold workers are never reused
+    (max_calls=1), so there is nothing to warm for them.
+    """
+    import ray
+
+    if resources.get("gpu", 0):
+        return []
+    warm = ray.remote(_warm_up).options(num_cpus=resources.get("cpu", 1), scheduling_strategy="DEFAULT",
+                                        runtime_env={"env_vars": _trial_env_vars()})
+    return [warm.remote() for _ in range(slots)]
+
+
+def _trial_env_vars() -> dict:
+    """The env_vars Ray Tune gives trial processes, which their fold tasks inherit.
+
+    Ray reuses a worker only for tasks of the same runtime_env, so the warm-up tasks
+    must carry the same env_vars as the fold tasks the trials submit. This mirrors
+    Tune's (internal) rule; if Tune changes it, warm-up only loses its effect.
+    """
+    try:
+        from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
+    except ImportError:
+        return {}
+    return {**DEFAULT_ENV_VARS, **{k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ}}
 
 
 def fold_task(resources: dict):

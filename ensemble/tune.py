@@ -33,7 +33,7 @@ from ensemble.artifacts import model_state, read_metrics, total_epochs
 from ensemble.data import Target, read_manifest, resolve_target
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json
-from ensemble.trial import pruned_callback, run_model
+from ensemble.trial import pruned_callback, run_model, warm_up_workers
 
 
 # --------------------------------------------------------------------------- launch-time preparation
@@ -154,14 +154,19 @@ def _dataset_normalization(manifest, frame, raw, size: int, sample: int = 512) -
 # --------------------------------------------------------------------------- driver
 
 
-def concurrency(cluster: dict, resources: dict, k: int) -> int:
-    """Models in flight: enough folds to fill every slot, plus one model to fill the gaps at epoch ends."""
+def fold_slots(cluster: dict, resources: dict) -> int:
+    """How many folds the cluster runs at once with the space's per-fold resources."""
     slots = math.floor(cluster.get("CPU", 1) / resources.get("cpu", 1) + 1e-9)
     if resources.get("gpu", 0):
         slots = min(slots, math.floor(cluster.get("GPU", 0) / resources["gpu"] + 1e-9))
     if slots < 1:
         raise UserError(f"one fold needs {resources} but the Ray cluster has {cluster}: lower resources in the "
                         "space file, or pass --gpus-per-trial / join a bigger cluster with --address.")
+    return slots
+
+
+def concurrency(slots: int, k: int) -> int:
+    """Models in flight: enough folds to fill every slot, plus one model to fill the gaps."""
     return math.ceil(slots / k) + 1
 
 
@@ -184,8 +189,9 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
         raw = space.raw
-        k = raw["folds"]["k"]
-        limit = max_concurrent or raw.get("max_concurrent") or concurrency(ray.cluster_resources(), raw["resources"], k)
+        slots = fold_slots(ray.cluster_resources(), raw["resources"])
+        limit = max_concurrent or raw.get("max_concurrent") or concurrency(slots, raw["folds"]["k"])
+        warm_up_workers(raw["resources"], slots)
         scheduler = None
         if (raw.get("scheduler") or {}).get("type", "none") == "asha":
             sched = raw["scheduler"]

@@ -152,7 +152,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="small shapes: checks the script runs")
     args = p.parse_args(argv)
-    print(f"numpy {np.__version__}; {'smoke shapes' if args.smoke else 'full shapes'}")
+    import os
+
+    print(f"numpy {np.__version__}; {'smoke shapes' if args.smoke else 'full shapes'}; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start (timings scale with other work on the machine)")
     bench_thresholds(*((2_000, 4) if args.smoke else (40_479, 17)))
     bench_greedy(*((20, 2_000, 10, 10) if args.smoke else (200, 20_000, 10, 50)))
     bench_meta(*((600, 4, 5, 4) if args.smoke else (5_000, 6, 10, 17)), smoke=args.smoke)

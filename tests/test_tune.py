@@ -234,4 +234,5 @@ def test_smoke_flag_runs_pnasnet_space_with_stand_in(tmp_path, demo_dir):
     proc = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", "pnasnet_kfold", "--smoke",
                            "--storage", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stand-in backbone 'test_resnet'" in proc.stdout
+    assert "data/driver/train.csv: file not found" in proc.stderr and "Traceback" not in proc.stderr
