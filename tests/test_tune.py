@@ -236,3 +236,24 @@ def test_smoke_flag_runs_pnasnet_space_with_stand_in(tmp_path, demo_dir):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "stand-in backbone 'test_resnet'" in proc.stdout
     assert "data/driver/train.csv: file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_asha_prunes_a_param_set_as_a_whole_and_resume_skips_it(tmp_path, demo_dir, ray_cluster):
+    """Two models one after the other; ASHA stops the one that cannot learn (lr 1e-7) at a rung."""
+    path = small_space(tmp_path, demo_dir, epochs=3, max_concurrent=1, params={"batch_size": 32, "image_size": 32},
+                       search={"lr": {"grid": [3.0e-3, 1.0e-7]}},
+                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    run_dir = tmp_path / "runs" / "asha"
+    board = tune.run_sweep(spaces.load_space(str(path)), run_dir, verbose=0)
+    states = board.groupby("model")["state"].first()
+    assert sorted(states) == ["complete", "pruned"]
+    pruned = states[states == "pruned"].index[0]
+    assert json.loads((run_dir / "models" / pruned / "status.json").read_text())["state"] == "pruned"
+    assert not (run_dir / "models" / pruned / "oof.parquet").exists()
+    # Both folds of the pruned model were stopped together (one may be an epoch ahead of the other
+    # when the trial's report of the slower fold triggers the stop): the param set is one unit.
+    folds = [read_metrics(run_dir, pruned, k) for k in range(2)]
+    assert not any(m["complete"] for m in folds) and max(m["epochs"] for m in folds) < 3
+    again = tune.run_sweep(spaces.load_space(str(path)), run_dir, resume=True, verbose=0)
+    assert again.groupby("model")["state"].first().to_dict() == states.to_dict()
