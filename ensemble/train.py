@@ -26,6 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import timm.loss
+import timm.optim
+import timm.scheduler
 import torch
 
 from ensemble import metrics as metrics_mod
@@ -75,6 +78,7 @@ class FoldTrainer:
             config["backbone"], len(config["classes"]), pretrained=config.get("pretrained", False),
             weights=config.get("weights"), dropout=self.params["dropout"], drop_path=self.params["drop_path"],
         ).to(self.device)
+        self._soft_ce = timm.loss.SoftTargetCrossEntropy()
         self.epoch, self.history, self.best = 0, [], None
         self._stage_index = None
         self.skipped_ids: set[str] = set()
@@ -117,7 +121,7 @@ class FoldTrainer:
         if smoothing:
             y = y * (1 - smoothing) + smoothing / y.shape[1]
         # Soft targets (FashionAI's 'maybe') and one-hot alike: cross-entropy against the target rows.
-        return torch.sum(-y * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+        return self._soft_ce(logits, y)
 
     @property
     def _pos_weight(self) -> torch.Tensor | None:
@@ -128,9 +132,6 @@ class FoldTrainer:
 
     def _enter_stage(self, index: int, stage: dict) -> None:
         """New optimizer and scheduler at each stage boundary (and on restore)."""
-        import timm.optim
-        import timm.scheduler
-
         set_backbone_frozen(self.model, stage.get("freeze", False))
         lr = self.params["lr"] * stage.get("lr_scale", 1.0)
         self.optimizer = timm.optim.create_optimizer_v2(

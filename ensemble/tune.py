@@ -273,6 +273,9 @@ def main(argv=None) -> int:
                 print(f"--smoke: training the tiny stand-in backbone {stand_in!r} instead of the space's backbones.")
         if args.gpus_per_trial is not None:
             space = spaces.with_resources(space, gpu=args.gpus_per_trial)
+        if "://" in args.storage:
+            raise UserError(f"--storage {args.storage}: URI storage is not supported yet; use a directory that "
+                            "every node of the cluster sees (a shared file system).")
         run_dir = Path(args.storage) / (args.name or (space.name + ("-smoke" if args.smoke else "")))
         start = time.perf_counter()
         board = run_sweep(space, run_dir, resume=args.resume, smoke=args.smoke,
