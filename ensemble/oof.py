@@ -155,7 +155,8 @@ def _check_columns(path: Path, frame: pd.DataFrame, keys: list[str], classes: li
 def _model_files(model_dir: Path, tta: bool) -> tuple[Path | None, list[str]]:
     """The OOF file to use and what is missing (empty when complete)."""
     missing = []
-    oof = model_dir / "oof_tta.parquet" if tta and (model_dir / "oof_tta.parquet").exists() else model_dir / "oof.parquet"
+    use_tta = tta and (model_dir / "oof_tta.parquet").exists()
+    oof = model_dir / ("oof_tta.parquet" if use_tta else "oof.parquet")
     if not oof.exists():
         note = " (oof_tta.parquet exists, but --no-tta refuses it)" if (model_dir / "oof_tta.parquet").exists() else ""
         missing.append(f"oof.parquet{note}")
@@ -238,12 +239,11 @@ def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
     folds_frame = _read_folds(run, target, classes)
     ids = folds_frame["id"].to_numpy(dtype=object)
     folds = folds_frame["fold"].to_numpy()
-    k = ref.get("k")
-    if k is not None and sorted(set(folds.tolist())) != list(range(int(k))):
-        found = sorted(set(folds.tolist()))
-        raise UserError(f"{run / 'folds.csv'}: folds {found} but the models were trained with k={k} (folds 0..{int(k) - 1}): "
-                        f"missing {sorted(set(range(int(k))) - set(found))}, unexpected {sorted(set(found) - set(range(int(k))))}. "
-                        "Stack with the folds.csv the sweep wrote.")
+    found, expected = set(folds.tolist()), set(range(int(ref.get("k", 0)))) or set(folds.tolist())
+    if found != expected:
+        raise UserError(f"{run / 'folds.csv'}: folds {sorted(found)} but the models were trained with k={ref['k']} "
+                        f"(folds 0..{int(ref['k']) - 1}): missing {sorted(expected - found)}, unexpected "
+                        f"{sorted(found - expected)}. Stack with the folds.csv the sweep wrote.")
     index = pd.Index(ids)
     incomplete = {d.name: "config.json missing" for d in model_dirs if d.name not in configs}
     oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None

@@ -198,7 +198,8 @@ def _multiclass_log_loss(proba, y_true):
             if renorm is not None:
                 v /= t_sums + renorm[idx]
             np.log(np.maximum(v, dtype.type(EPS * scale), out=v), out=v)
-            out[where] = np.log(scale) * weight_total - (v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight)
+            mean_log = v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight
+            out[where] = np.log(scale) * weight_total - mean_log
         return out
 
     return score
