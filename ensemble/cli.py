@@ -1,11 +1,11 @@
-"""The `ensemble` console script: `ensemble tune|stack|demo ...` runs `python -m ensemble.<command>`."""
+"""The `ensemble` console script: `ensemble tune|predict|stack|demo ...` runs `python -m ensemble.<command>`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"tune": "ensemble.tune", "stack": "ensemble.stack", "demo": "ensemble.demo"}
+COMMANDS = {"tune": "ensemble.tune", "predict": "ensemble.predict", "stack": "ensemble.stack", "demo": "ensemble.demo"}
 
 
 def main(argv=None) -> int:

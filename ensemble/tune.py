@@ -187,7 +187,9 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
     if todo:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1)
+            # A fresh local cluster unless told otherwise: never join a stray one by accident.
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                     log_to_driver=verbose > 1)
         raw = space.raw
         slots = fold_slots(ray.cluster_resources(), raw["resources"])
         limit = max_concurrent or raw.get("max_concurrent") or concurrency(slots, raw["folds"]["k"])
