@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, help="= the actor's torch threads [1; GPU actors: CPUs / actors]")
     p.add_argument("--forward-batch", type=int, help=f"images per forward, views included [{CPU_FORWARD_BATCH} on CPU, "
                                                      "2 x batch_size (>= 64) on GPU]")
-    p.add_argument("--shard-size", type=int, default=512, help="images per work item [512]")
+    p.add_argument("--shard-size", type=int, default=512, help="images per work item, at most [512; fewer to give each actor ~8]")
     p.add_argument("--models", help="comma-separated model ids [every complete model]")
     p.add_argument("--per-view", action="store_true", help="also write each view's predictions and score them")
     p.add_argument("--submission", action="store_true", help="write models/<id>/submission.csv from test.parquet")
@@ -106,8 +106,8 @@ class ModelPlan:
     paths: dict[tuple, list[str]] = field(default_factory=dict)  # (fold, split) -> image paths
 
 
-def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, force=False, smoke=False,
-             forward_batch=None, on_gpu=False) -> tuple[list[ModelPlan], dict[str, str]]:
+def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, force=False,
+             smoke=False) -> tuple[list[ModelPlan], dict[str, str]]:
     """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why)."""
     run_dir = Path(run_dir)
     if not (run_dir / "folds.csv").exists() or not (run_dir / "models").is_dir():
@@ -128,16 +128,16 @@ def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, fo
         config = configs[model_id]
         spec = tta or config["data"].get("tta") or "orig"
         n_views = views_mod.count_views(spec)  # an unknown view: the registry's UserError
-        if not (force or smoke) and _outputs_complete(out_root / model_id, config):
-            skipped[model_id] = _kept_note(out_root / model_id, spec, merge)
+        why = None if force or smoke else _done(out_root / model_id, config, spec, merge)
+        if why:
+            skipped[model_id] = why
             continue
         oof = pd.read_parquet(run_dir / "models" / model_id / "oof.parquet")
         if smoke:
             oof = oof.groupby("fold", sort=False).head(SMOKE_ROWS).reset_index(drop=True)
         plan = ModelPlan(model_id, config, out_root / model_id, oof,
                          encode_targets(folds.loc[oof["id"]], config["target"], config["classes"]))
-        cap = forward_batch or (max(64, 2 * config["params"]["batch_size"]) if on_gpu else CPU_FORWARD_BATCH)
-        base = _base_job(config, spec, merge, per_view, batch=max(1, cap // n_views))
+        base = _base_job(config, spec, merge, per_view, n_views)
         train, test = _manifests(config, manifests)
         image_of = train.frame.set_index("id")["image"]
         for k in range(config["k"]):
@@ -165,24 +165,23 @@ def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, fo
     return plans, skipped
 
 
-def _outputs_complete(out_dir: Path, config: dict) -> bool:
+def _done(out_dir: Path, config: dict, spec: str, merge: str) -> str | None:
+    """Why a model's outputs can be kept (they exist), or None when it must be predicted."""
     needed = ["oof_tta.parquet"] + (["test.parquet"] if config["data"].get("test_manifest") else [])
-    return all((out_dir / name).exists() for name in needed)
-
-
-def _kept_note(out_dir: Path, spec: str, merge: str) -> str:
+    if not all((out_dir / name).exists() for name in needed):
+        return None
     done = json.loads((out_dir / "predict.json").read_text()) if (out_dir / "predict.json").exists() else {}
     if done and (done["tta"], done["merge"]) != (spec, merge):
         return f"outputs kept from tta {done['tta']!r}, merge {done['merge']!r} (asked {spec!r}, {merge!r}); --force redoes them"
     return "outputs complete"
 
 
-def _base_job(config: dict, spec: str, merge: str, per_view: bool, batch: int) -> dict:
+def _base_job(config: dict, spec: str, merge: str, per_view: bool, n_views: int) -> dict:
     """What a predictor needs besides the checkpoint and the images: plain values, cheap to ship."""
     params, data = config["params"], config["data"]
     return {"backbone": config["backbone"], "n_classes": len(config["classes"]), "dropout": params.get("dropout", 0.0),
             "drop_path": params.get("drop_path", 0.0), "task": config["task"], "image_size": params["image_size"],
-            "tta": spec, "merge": merge, "per_view": per_view, "batch": batch, "amp": params.get("amp", True),
+            "tta": spec, "n_views": n_views, "merge": merge, "per_view": per_view, "amp": params.get("amp", True),
             "mean": data["normalize"]["mean"], "std": data["normalize"]["std"]}
 
 
@@ -209,6 +208,8 @@ def _preprocess(run_dir: Path, config: dict, fold: int) -> str:
 
 def check_checkpoints(plans: list[ModelPlan]) -> None:
     """Every weights.pt must fit its config (backbone, classes): compared on torch's meta device, no compute."""
+    if not plans:
+        return
     import torch
 
     from ensemble.models import create_model
@@ -228,10 +229,10 @@ def check_checkpoints(plans: list[ModelPlan]) -> None:
                      if found.get(key, shape) != shape]
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             if wrong or missing or extra:
+                details = wrong[:2] + [f"missing keys {missing[:3]}"] * bool(missing) + [f"unexpected keys {extra[:3]}"] * bool(extra)
                 raise UserError(
                     f"{path}: does not fit models/{plan.model_id}/config.json (backbone {job['backbone']!r}, "
-                    f"{job['n_classes']} classes): {'; '.join(wrong[:2]) or 'no shape differs'}; missing keys "
-                    f"{missing[:3]}, unexpected keys {extra[:3]}. It comes from another space or run (classes or "
+                    f"{job['n_classes']} classes): {'; '.join(details)}. It comes from another space or run (classes or "
                     "backbone differ): restore this model's own weights.pt or retrain it.")
 
 
@@ -242,27 +243,32 @@ def _build(create_model, job: dict):
 # --------------------------------------------------------------------------- the actor pool
 
 
-def resolve_actors(cluster: dict, gpus_per_actor: float | None = None,
-                   cpus_per_actor: float | None = None) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each) filling a cluster: one per GPU or fraction, else one per CPU share."""
+def resolve_actors(cluster: dict, gpus_per_actor: float | None = None, cpus_per_actor: float | None = None,
+                   free: dict | None = None) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each) filling a cluster: one per GPU or GPU fraction, else one per CPU share.
+
+    Shares come from the cluster's totals; with `free` (what is not held now) the count is
+    capped to what fits at once, but is at least 1 (it waits for room).
+    """
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     gpu = (1.0 if gpus else 0.0) if gpus_per_actor is None else float(gpus_per_actor)
     if gpu < 0 or (gpu > 1 and not gpu.is_integer()):
         raise UserError(f"--gpus-per-actor must be 0 (CPU actors), a fraction in (0, 1] or a whole number. Got {gpu:g} instead.")
     if gpu and not gpus:
         raise UserError(f"--gpus-per-actor {gpu:g}, but the Ray cluster has no GPU ({cluster}); drop it for CPU actors.")
-    if gpu:
-        n = math.floor(gpus / gpu + 1e-9)
-        if cpus_per_actor:
-            n = min(n, math.floor(cpus / cpus_per_actor + 1e-9))
-        cpu = cpus_per_actor or math.floor(cpus / max(n, 1) * 100) / 100  # the node's CPUs shared by its actors
-    else:
-        cpu = cpus_per_actor or 1.0
-        n = math.floor(cpus / cpu + 1e-9)
+
+    def fits(res: dict, cpu: float) -> int:  # actors of (cpu, gpu) that fit in `res`
+        counts = [math.floor(res.get("CPU", 0) / cpu + 1e-9)] if cpu else []
+        return min(counts + [math.floor(res.get("GPU", 0) / gpu + 1e-9)] if gpu else counts)
+
+    cpu = cpus_per_actor or (1.0 if not gpu else None)
+    if cpu is None:  # GPU actors share the CPUs out
+        cpu = math.floor(cpus / max(fits(cluster, 0), 1) * 100) / 100
+    n = fits(cluster, cpu)
     if n < 1 or cpu <= 0:
         raise UserError(f"an actor needs {cpu:g} CPU and {gpu:g} GPU, more than the Ray cluster has ({cluster}); "
                         "lower --cpus-per-actor / --gpus-per-actor.")
-    return n, cpu, gpu
+    return (max(1, min(n, fits(free, cpu))) if free is not None else n), cpu, gpu
 
 
 def create_pool(n: int, cpus: float, gpus: float, timeout: float = 120.0) -> tuple[list, list[dict]]:
@@ -310,7 +316,7 @@ class Predictor:
         torch = self._torch()
         from ensemble.loader import normalize_batch
 
-        began = time.perf_counter()
+        began, loads = time.perf_counter(), self.loads
         model, loader = self._model(job), self._loader(job, paths)
         loader.sampler.rows = range(start, stop)
         chunks, seen = [], []
@@ -322,7 +328,7 @@ class Predictor:
                 seen.append(index.numpy())
         assert np.array_equal(np.concatenate(seen), np.arange(start, stop)), "the loader lost or reordered rows"
         logits = np.concatenate(chunks)
-        out = {"key": job["key"], "start": start, "pid": os.getpid(), "loads": self.loads,
+        out = {"key": job["key"], "start": start, "loads": self.loads - loads,
                "proba": merge_views(logits, job["task"], job["merge"]).astype(np.float32)}
         if job["per_view"]:
             out["views"] = activate(logits, job["task"]).astype(np.float32)
@@ -350,7 +356,10 @@ class Predictor:
         if self.loader is None or self.loader[0] != key:
             cache = DecodedCache(job["cache"], len(paths), job["image_size"]) if job["cache"] else None
             dataset = ImageDataset(paths, None, job["image_size"], preprocess=job["preprocess"], views=job["tta"], cache=cache)
-            workers = loader_workers(self.cpus or 1)
+            # On a CPU the forward pass uses every thread of the actor's share: a decoding worker would only
+            # compete with it (1 actor x 2 CPUs, scripts/bench_predict.py: 364 images/s with one, 467-485
+            # without). On a GPU, workers decode while it computes.
+            workers = loader_workers(self.cpus or 1) if self.device.type == "cuda" else 0
             self.loader = key, torch.utils.data.DataLoader(
                 dataset, batch_size=job["batch"], sampler=_Rows(), num_workers=workers, collate_fn=collate,
                 worker_init_fn=_one_thread if workers else None, persistent_workers=workers > 0,
@@ -426,36 +435,47 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
                 progress=True, actors=None) -> dict:
     """Predict every complete model of a run (see the module docstring); returns a summary dict.
 
-    `actors`: Predictor actors from `create_pool` to use (and leave running); default: a pool for this call.
+    Everything is validated before Ray starts. `actors`: Predictor actors from `create_pool`
+    to use (and leave running); default: a pool made for this call, filling the cluster.
     """
-    import ray
-
     if merge not in MERGES:
         raise UserError(f"The 'merge' parameter must be one of {list(MERGES)}. Got {merge!r} instead.")
-    if tta is not None and "fivecrop" in tta and views_mod.count_views(tta) == 5 and "hflip" in tta:
+    if tta is not None and views_mod.count_views(tta) == 5 and "fivecrop" in tta and "hflip" in tta:
         print("note: 'fivecrop+hflip' is the 5 flipped crops; the 10-view set is 'fivecrop,fivecrop+hflip'.")
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    n, cpus, gpus = resolve_actors(ray.cluster_resources(), gpus_per_actor, cpus_per_actor)
-    plans, skipped = plan_run(run_dir, tta=tta, merge=merge, models=models, per_view=per_view, force=force,
-                              smoke=smoke, forward_batch=forward_batch, on_gpu=gpus > 0)
+    plans, skipped = plan_run(run_dir, tta=tta, merge=merge, models=models, per_view=per_view, force=force, smoke=smoke)
     for model_id, why in skipped.items():
         print(f"skipped {model_id}: {why}")
     summary = {"out": Path(run_dir) / ("predict-smoke" if smoke else "models"), "skipped": skipped, "scores": {},
                "models": [p.model_id for p in plans] + list(skipped), "predicted": [p.model_id for p in plans]}
     if not plans:
         return summary
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # As the sweep: a fresh local cluster unless --address or RAY_ADDRESS says otherwise.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=False)
+    n, cpus, gpus = resolve_actors(ray.cluster_resources(), gpus_per_actor, cpus_per_actor, ray.available_resources())
+    n = len(actors) if actors else n
+    # Small enough shards that every actor gets ~8 (no actor is left alone with a long tail), but <= shard_size.
+    total = sum(len(paths) for plan in plans for paths in plan.paths.values())
+    shard_size = min(shard_size, max(CPU_FORWARD_BATCH, math.ceil(total / (8 * n))))
     items, refs = [], {}
     for plan in plans:  # checkpoint-major: an actor keeps the model it has loaded for the following shards
+        cap = forward_batch or (max(64, 2 * plan.config["params"]["batch_size"]) if gpus else CPU_FORWARD_BATCH)
         for key, job in plan.jobs.items():
             paths = plan.paths[key]
+            job["batch"] = max(1, cap // job["n_views"])  # images per loader batch: one forward of <= cap images
             if job["cache"]:  # created here, once, so that actors never race to create the same file
                 from ensemble.loader import DecodedCache
 
                 DecodedCache(job["cache"], len(paths), job["image_size"])
-            ref = refs.setdefault(job["cache"] or tuple(paths), ray.put(paths))  # each image list shipped once
-            items += [(job, ref, s, min(s + shard_size, len(paths))) for s in range(0, len(paths), shard_size)]
+            list_key = job["cache"] or tuple(paths)
+            if list_key not in refs:
+                refs[list_key] = ray.put(paths)  # each image list is shipped once
+            step = max(1, shard_size // job["batch"]) * job["batch"]  # whole batches: no small forward mid-list
+            items += [(job, refs[list_key], s, min(s + step, len(paths))) for s in range(0, len(paths), step)]
     began = time.perf_counter()
     own = actors is None
     actors = create_pool(min(n, len(items)), cpus, gpus)[0] if own else actors
@@ -464,10 +484,10 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
     finally:
         for a in actors if own else []:
             ray.kill(a)
-    summary["seconds"] = time.perf_counter() - began
-    print(f"predicted {len(plans)} model(s): {summary['images']} images x views in {summary['seconds']:.1f} s "
-          f"({summary['images'] / summary['seconds']:.0f} images/s, actor start included) on {len(actors)} actor(s) "
-          f"of {cpus:g} CPU / {gpus:g} GPU; {summary['loads']} checkpoint loads")
+    summary["seconds"] = seconds = time.perf_counter() - began
+    print(f"predicted {len(plans)} model(s): {summary['images']} images in {seconds:.1f} s ({summary['images'] / seconds:.0f}"
+          f" images/s, actor start included) on {len(actors)} actor(s) of {cpus:g} CPU / {gpus:g} GPU; "
+          f"{summary['loads']} checkpoint loads")
     return summary
 
 
@@ -479,7 +499,7 @@ def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool)
 
     plan_of = {p.model_id: p for p in plans}
     left = {p.model_id: sum(1 for job, *_ in items if job["key"][0] == p.model_id) for p in plans}
-    results, loads, scores = {}, {}, {}
+    results, scores, images, loads = {}, {}, 0, 0
     pool = ActorPool(actors)
     for item in items:
         pool.submit(lambda actor, it: actor.predict.remote(*it), item)
@@ -499,14 +519,15 @@ def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool)
                 rows = len(plan_of[model_id].paths[fold, split])
                 arr = results.setdefault((model_id, fold, split, name), np.empty((rows, *res[name].shape[1:]), np.float32))
                 arr[res["start"]: res["start"] + len(res[name])] = res[name]
-            loads[res["pid"]] = res["loads"]
+            loads += res["loads"]
             bar.update(len(res["proba"]))
+            images += len(res["proba"])
             left[model_id] -= 1
             if not left[model_id]:
                 mine = {k[1:]: results.pop(k) for k in [k for k in results if k[0] == model_id]}
                 scores[model_id] = write_outputs(plan_of[model_id], mine)
                 bar.write(f"{model_id}: " + ", ".join(f"{k} {v:.5f}" for k, v in scores[model_id].items()))
-    return {"images": bar.n, "loads": sum(loads.values()), "scores": scores}
+    return {"images": images, "loads": loads, "scores": scores}
 
 
 def write_outputs(plan: ModelPlan, results: dict) -> dict[str, float]:
@@ -563,18 +584,6 @@ def write_submission(run_dir, model_id: str, out_dir=None, threshold: float = 0.
         test = pd.DataFrame({"id": test["id"], config["target"]["column"]: [" ".join(classes[h]) for h in hit]})
     write_csv(test, out_dir / "submission.csv")
     return out_dir / "submission.csv"
-
-
-def predict_images(run_dir, model_id: str, fold: int, paths: list[str], *, tta: str | None = None,
-                   merge: str = "mean", forward_batch: int = CPU_FORWARD_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Image files through one fold's model, in this process (no Ray): (N x C merged, N x V x C per view)."""
-    config = json.loads((Path(run_dir) / "models" / model_id / "config.json").read_text())
-    spec = tta or config["data"].get("tta") or "orig"
-    job = dict(_base_job(config, spec, merge, True, batch=max(1, forward_batch // views_mod.count_views(spec))),
-               key=(model_id, fold, "images"), weights=str(Path(run_dir) / "models" / model_id / f"fold{fold}" / "weights.pt"),
-               preprocess=_preprocess(Path(run_dir), config, fold), cache=None)
-    out = Predictor(cpus=None).predict(job, list(paths), 0, len(paths))
-    return out["proba"], out["views"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,300 @@
+"""TTA prediction on a real tiny sweep: view merging, outputs, skip-and-resume, placement, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ensemble import predict
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUTS = ("oof_tta.parquet", "test.parquet")
+
+
+# --------------------------------------------------------------------------- a real tiny sweep, once per module
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, demo_dir, ray_cluster):
+    """A finished sweep (2 models x 2 folds of test_resnet, 160 digits, 1 epoch), never predicted."""
+    from ensemble import spaces, tune
+
+    tmp = tmp_path_factory.mktemp("predict")
+    pd.read_csv(demo_dir / "multiclass.csv").head(160).to_csv(tmp / "small.csv", index=False)
+    space = {"data": {"manifest": str(tmp / "small.csv"), "root": str(demo_dir), "test_manifest": "demo:test",
+                      "preprocess": "pad", "augment": "shift:0.1", "tta": "orig", "normalize": "dataset"},
+             "folds": {"k": 2, "strategy": "stratified", "seed": 0}, "backbones": ["test_resnet"],
+             "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32}, "epochs": 1, "metric": "log_loss",
+             "search": {"weight_decay": {"grid": [0.0, 0.05]}}, "resources": {"cpu": 1}}
+    (tmp / "space.yaml").write_text(yaml.safe_dump(space))
+    tune.run_sweep(spaces.load_space(str(tmp / "space.yaml")), tmp / "run", verbose=0)
+    return tmp / "run"
+
+
+def copy_run(pristine: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(pristine, dest / "run"))
+
+
+def model_ids(run: Path) -> list[str]:
+    return sorted(p.parent.name for p in (run / "models").glob("*/config.json"))
+
+
+@pytest.fixture(scope="module")
+def actors(ray_cluster):
+    """Two CPU predictor actors shared by the tests below (each new pool pays the torch + timm imports).
+
+    They hold 1 of the cluster's 2 CPUs, so the pools other tests make must fit in the other one.
+    """
+    handles, _ = predict.create_pool(2, 0.5, 0)
+    yield handles
+    for a in handles:
+        ray_cluster.kill(a)
+
+
+@pytest.fixture(scope="module")
+def predicted(pristine, tmp_path_factory, actors):
+    """The run predicted through the pool with 'orig,hflip' and per-view outputs."""
+    run = copy_run(pristine, tmp_path_factory.mktemp("predicted"))
+    summary = predict.predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, shard_size=300,
+                                  progress=False, actors=actors)
+    return run, summary
+
+
+# --------------------------------------------------------------------------- merging, numerically (no Ray)
+
+
+def test_merge_views_by_hand():
+    logits = np.log(np.array([[[1.0, 3.0], [3.0, 1.0]]]))  # 1 row, 2 views: probabilities (.25, .75), (.75, .25)
+    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "mean"), [[0.5, 0.5]], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "gmean"), [[0.5, 0.5]], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "logits"), [[0.5, 0.5]], rtol=0, atol=1e-15)
+    z = np.array([[[0.0], [np.log(3.0)]]])  # multilabel: sigmoids 0.5 and 0.75
+    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "mean"), [[0.625]], rtol=1e-15)
+    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "gmean"), [[np.sqrt(0.375)]], rtol=1e-15)
+    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "logits"), [[1 / (1 + 1 / np.sqrt(3))]], rtol=1e-15)
+
+
+def test_merge_views_properties_on_random_logits():
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=3, size=(50, 8, 6))
+    for task in ("multiclass", "multilabel"):
+        single = predict.activate(z[:, :1], task)[:, 0]
+        for how in predict.MERGES:
+            # identical views merge to the single view: exactly for mean and logits ((a + a) / 2 == a)
+            same = predict.merge_views(np.repeat(z[:, :1], 4, axis=1), task, how)
+            if how == "gmean":
+                np.testing.assert_allclose(same, single, rtol=1e-12)
+            else:
+                np.testing.assert_array_equal(same, single)
+            p = predict.merge_views(z, task, how)
+            assert p.shape == (50, 6) and np.all((p >= 0) & (p <= 1))
+            if task == "multiclass":
+                np.testing.assert_allclose(p.sum(1), 1, rtol=1e-12)
+        np.testing.assert_allclose(predict.merge_views(z, task, "mean"), predict.activate(z, task).mean(1), rtol=1e-12)
+    # multiclass: the renormalised geometric mean of softmaxes is the softmax of the mean logits
+    np.testing.assert_allclose(predict.merge_views(z, "multiclass", "gmean"), predict.merge_views(z, "multiclass", "logits"),
+                               rtol=1e-12)
+    assert not np.allclose(predict.merge_views(z, "multilabel", "gmean"), predict.merge_views(z, "multilabel", "logits"))
+    with pytest.raises(predict.UserError, match="'merge' parameter must be one of"):
+        predict.merge_views(z, "multiclass", "median")
+
+
+def test_view_names_expand_fivecrop():
+    assert predict.view_names("orig,hflip") == ["orig", "hflip"]
+    ten = predict.view_names("fivecrop,fivecrop+hflip")
+    assert len(ten) == 10 and ten[0] == "fivecrop#0" and ten[-1] == "fivecrop+hflip#4"
+    assert len(predict.view_names("fivecrop+hflip")) == 5  # the flipped crops only
+
+
+# --------------------------------------------------------------------------- a real model, in process
+
+
+def test_hflip_tta_of_flip_invariant_input_equals_no_tta(pristine, tmp_path, demo_dir):
+    """Mirror-symmetric images at the model's size: 'orig,hflip' must equal 'orig'; asymmetric ones must not."""
+    test = pd.read_csv(demo_dir / "test.csv").head(40)
+    sym, asym = [], []
+    for i, rel in enumerate(test["image"]):
+        img = cv2.resize(cv2.imread(str(demo_dir / rel)), (32, 32))  # the model's size: no resize after this
+        asym.append(str(tmp_path / f"a{i}.png"))
+        cv2.imwrite(asym[-1], img)
+        img[:, 16:] = img[:, :16][:, ::-1]
+        sym.append(str(tmp_path / f"s{i}.png"))
+        cv2.imwrite(sym[-1], img)
+    plan = predict.plan_run(pristine, tta="orig,hflip", per_view=True, models=model_ids(pristine)[:1], force=True)[0][0]
+    job = dict(plan.jobs[1, "test"], cache=None, batch=8)
+    plain = dict(job, tta="orig", n_views=1, batch=16)
+    predictor = predict.Predictor(cpus=None)
+
+    out = predictor.predict(job, sym, 0, len(sym))
+    np.testing.assert_array_equal(out["views"][:, 0], out["views"][:, 1])  # bit-identical inputs, one forward
+    np.testing.assert_allclose(out["proba"], predictor.predict(plain, sym, 0, len(sym))["proba"], rtol=0, atol=1e-6)
+
+    out = predictor.predict(job, asym, 0, len(asym))
+    assert np.abs(out["views"][:, 0] - out["views"][:, 1]).max() > 1e-4  # the flip really happened
+    np.testing.assert_allclose(out["proba"], out["views"].astype(np.float64).mean(1), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(out["views"][:, 0], predictor.predict(plain, asym, 0, len(asym))["proba"], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- through the actor pool
+
+
+def test_outputs_match_the_contract(predicted, pristine):
+    run, summary = predicted
+    assert summary["predicted"] == model_ids(run) and summary["actors"] == 2 and summary["gpus"] == 0
+    assert summary["images"] == 2 * (160 + 2 * 1000) and summary["loads"] >= 4  # per model: OOF rows + k x test rows
+    test_ids = pd.read_csv(Path(json.loads((run / "models" / model_ids(run)[0] / "config.json").read_text())
+                                ["data"]["test_manifest"]), dtype=str)["id"]
+    for model_id in model_ids(run):
+        d = run / "models" / model_id
+        oof, tta, views = (pd.read_parquet(d / f) for f in ("oof.parquet", "oof_tta.parquet", "oof_views.parquet"))
+        assert list(tta.columns) == list(oof.columns)  # id, fold, classes
+        pd.testing.assert_frame_equal(tta[["id", "fold"]], oof[["id", "fold"]])
+        classes = list(oof.columns[2:])
+        orig = views[views["view"] == "orig"][classes].to_numpy()
+        hflip = views[views["view"] == "hflip"][classes].to_numpy()
+        # the orig view is what training wrote: each held-out row by its own fold's model, same order
+        np.testing.assert_allclose(orig, oof[classes].to_numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(tta[classes].to_numpy(), (orig.astype(np.float64) + hflip) / 2, rtol=0, atol=1e-7)
+        test = pd.read_parquet(d / "test.parquet")
+        assert list(test.columns) == ["id"] + classes and test["id"].tolist() == test_ids.tolist()
+        np.testing.assert_allclose(test[classes].sum(axis=1), 1, atol=1e-5)
+        tv = pd.read_parquet(d / "test_views.parquet")  # test = mean over folds of the merged views
+        merged = (tv[tv["view"] == "orig"][classes].to_numpy(np.float64) + tv[tv["view"] == "hflip"][classes].to_numpy()) / 2
+        np.testing.assert_allclose(test[classes].to_numpy(), merged, rtol=0, atol=1e-6)
+        meta = json.loads((d / "predict.json").read_text())
+        assert meta["tta"] == "orig,hflip" and meta["views"] == ["orig", "hflip"] and meta["merge"] == "mean"
+        assert {"oof log_loss", "oof_tta log_loss", "view orig", "view hflip"} <= set(summary["scores"][model_id])
+    from ensemble.oof import load_run
+
+    assert set(load_run(run).sources.values()) == {"oof_tta.parquet"}  # the stacking stage takes them as they are
+
+
+def test_complete_models_are_skipped_and_an_interrupted_one_resumes(predicted, actors, capsys):
+    run, _ = predicted
+    first, second = (run / "models" / m for m in model_ids(run))
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "models").rglob("*.parquet")}
+    again = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False)
+    assert again["predicted"] == [] and set(again["skipped"]) == set(model_ids(run))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    kept = predict.predict_run(run, tta="orig", gpus_per_actor=0, progress=False)  # other settings: kept, and said so
+    assert kept["predicted"] == [] and "--force" in capsys.readouterr().out
+
+    before = pd.read_parquet(second / "oof_tta.parquet")
+    (second / "oof_tta.parquet").unlink()  # killed between its two writes, with a temp file left behind
+    (second / ".oof_tta.parquet.x1y2.tmp").write_bytes(b"partial")
+    resumed = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False, actors=actors)
+    assert resumed["predicted"] == [second.name] and list(resumed["skipped"]) == [first.name]
+    pd.testing.assert_frame_equal(pd.read_parquet(second / "oof_tta.parquet"), before, check_exact=False, rtol=1e-6)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.parent == first)
+
+
+def test_smoke_and_submission(pristine, tmp_path, ray_cluster, capsys):
+    run = copy_run(pristine, tmp_path)
+    assert predict.main(["--run", str(run), "--smoke", "--submission", "--gpus-per-actor", "0", "--no-progress",
+                         "--tta", "fivecrop,fivecrop+hflip", "--merge", "gmean"]) == 0
+    for model_id in model_ids(run):
+        smoke = run / "predict-smoke" / model_id
+        assert len(pd.read_parquet(smoke / "oof_tta.parquet")) == 2 * predict.SMOKE_ROWS
+        assert len(json.loads((smoke / "predict.json").read_text())["views"]) == 10
+        sub = pd.read_csv(smoke / "submission.csv")
+        assert len(sub) == 2 * predict.SMOKE_ROWS and sub.columns[0] == "id"
+        assert not any((run / "models" / model_id / f).exists() for f in OUTPUTS)  # the real outputs stay untouched
+
+
+def test_multilabel_submission_has_tags(tmp_path):
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"task": "multilabel", "classes": ["a", "b", "c"],
+                                                   "target": {"form": "tags", "column": "tags"}}))
+    pd.DataFrame({"id": ["x", "y"], "a": [0.9, 0.1], "b": [0.6, 0.2], "c": [0.1, 0.3]}).to_parquet(model / "test.parquet")
+    sub = pd.read_csv(predict.write_submission(tmp_path, "m"))
+    assert sub.to_dict("list") == {"id": ["x", "y"], "tags": ["a b", "c"]}  # 'y': nothing >= 0.5, so its top tag
+
+
+def test_fractional_gpu_actors_are_placed_two_per_logical_gpu(ray_cluster):
+    assert predict.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5) == (8, 0.25, 0.5)
+    # 8 x 0.125 CPU: they fit beside the shared CPU actors (1 CPU)
+    n, cpus, gpus = predict.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5, cpus_per_actor=0.125)
+    assert (n, cpus, gpus) == (8, 0.125, 0.5)
+    actors, info = predict.create_pool(n, cpus, gpus)
+    try:
+        assert ray_cluster.available_resources().get("GPU", 0.0) == 0.0  # all 4 held at once, by 8 live actors
+        assert len({i["pid"] for i in info}) == 8
+        assert sorted(g for i in info for g in i["gpu_ids"]) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+        assert sorted(i["cuda_visible_devices"] for i in info) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+    finally:
+        for a in actors:
+            ray_cluster.kill(a)
+
+
+def test_resolve_actors():
+    assert predict.resolve_actors({"CPU": 2}) == (2, 1.0, 0.0)  # CPU actors when there is no GPU
+    assert predict.resolve_actors({"CPU": 2}, cpus_per_actor=2) == (1, 2, 0.0)
+    assert predict.resolve_actors({"CPU": 8, "GPU": 2}) == (2, 4.0, 1.0)
+    assert predict.resolve_actors({"CPU": 2}, free={"CPU": 1.0}) == (1, 1.0, 0.0)  # what fits now, at least one
+    assert predict.resolve_actors({"CPU": 2}, free={"CPU": 0.0}) == (1, 1.0, 0.0)
+    assert predict.resolve_actors({"CPU": 2, "GPU": 4}, free={"CPU": 2.0, "GPU": 1.0}) == (1, 0.5, 1.0)
+    with pytest.raises(predict.UserError, match="no GPU"):
+        predict.resolve_actors({"CPU": 2}, gpus_per_actor=0.5)
+    with pytest.raises(predict.UserError, match="fraction"):
+        predict.resolve_actors({"CPU": 2, "GPU": 4}, gpus_per_actor=1.5)
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+
+def _fails(run: Path, capsys, *args) -> str:
+    code = predict.main(["--run", str(run), "--gpus-per-actor", "0", "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not [p for p in run.rglob("*") if p.name in OUTPUTS or p.name.endswith(".tmp")]  # nothing half-written
+    return err
+
+
+def test_missing_checkpoint(pristine, tmp_path, capsys):
+    run = copy_run(pristine, tmp_path)
+    (run / "models" / model_ids(run)[1] / "fold1" / "weights.pt").unlink()
+    assert "fold1/weights.pt: checkpoint missing" in _fails(run, capsys)
+
+
+def test_checkpoint_from_another_space(pristine, tmp_path, capsys):
+    import torch
+
+    from ensemble.models import create_model
+
+    run = copy_run(pristine, tmp_path)
+    torch.save(create_model("test_resnet", 4).state_dict(), run / "models" / model_ids(run)[1] / "fold0" / "weights.pt")
+    err = _fails(run, capsys)
+    assert "fold0/weights.pt: does not fit" in err and "10 classes" in err and "(4, " in err
+
+
+def test_test_manifest_missing_images(pristine, tmp_path, demo_dir, capsys):
+    run = copy_run(pristine, tmp_path)
+    test = pd.read_csv(demo_dir / "test.csv")
+    test.loc[2, "image"] = "images/nope.png"
+    test.to_csv(tmp_path / "test.csv", index=False)
+    for model_id in model_ids(run):
+        path = run / "models" / model_id / "config.json"
+        config = json.loads(path.read_text())
+        config["data"]["test_manifest"] = str(tmp_path / "test.csv")
+        path.write_text(json.dumps(config))
+    err = _fails(run, capsys)
+    assert "test.csv: an 'image' file missing" in err and "row 3 " in err
+
+
+def test_unknown_view_from_the_command_line(pristine, tmp_path):
+    run = copy_run(pristine, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "ensemble.predict", "--run", str(run), "--tta", "orig,flip2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: Unknown view op 'flip2'") and "Did you mean 'hflip'" in proc.stderr
+    assert not [p for p in run.rglob("*") if p.name in OUTPUTS]
