@@ -8,6 +8,7 @@ there is one).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -65,8 +66,12 @@ class DecodedCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         shape = (n, size, size, 3)
-        if not self._valid(shape):
-            self._create(shape)
+        # Several trials (or predict's actors) may open the same cache at once: create it under a
+        # lock, or one could pair its own pixel file with another's flags and read zeros as filled.
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._valid(shape):
+                self._create(shape)
         self.pixels = np.load(self.path, mmap_mode="r+")
         self.filled = np.load(self.path.with_suffix(".filled.npy"), mmap_mode="r+")
 
