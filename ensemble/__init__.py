@@ -10,6 +10,7 @@ Modules in reading order (the flow of docs/design.md):
   models      create_model over timm: local weights, freezing the backbone
   metrics     log loss, accuracy, F-beta, mAP (vectorised numpy)
   artifacts   the run-directory layout every stage reads and writes (no torch)
+  storage     runs at a URI (s3://, gs://, file://): a local mirror synced with pyarrow
   train       train one fold of one model, checkpoint every epoch (no Ray)
   spaces      load, validate and freeze tune_spaces/*.yaml
   trial       one Tune trial = one model: its k folds as Ray tasks (no torch)

@@ -14,6 +14,10 @@ and keep the checkpoint they work with resident. All views of a batch go through
 the model in one forward pass of at most `forward_batch` images. Each model's
 outputs are computed fully in memory, then written; models whose outputs exist
 are skipped, so an interrupted run resumes. docs/predict.md is the manual.
+
+`--run` may be a URI (`ensemble.storage`): the run's configs, OOF files and best
+weights are pulled into this node's mirror, an actor on another node pulls the
+weights it needs into its own, and the outputs are pushed back.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ensemble.artifacts import read_metrics, stage_of
 from ensemble.data import Target, encode_targets, read_manifest
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json, write_parquet
+from ensemble.storage import CHECKPOINTS, RunStore, open_run
 
 MERGES = ("mean", "gmean", "logits")
 CPU_FORWARD_BATCH = 32  # ENV.md: 32-64 images per forward is this CPU's sweet spot; bigger batches are slower
@@ -46,7 +51,7 @@ SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run directory (folds.csv, models/)")
+    p.add_argument("--run", required=True, help="run directory (folds.csv, models/), or its URI (s3://..., file://...)")
     p.add_argument("--tta", help="views, e.g. 'orig,hflip' or 'fivecrop,fivecrop+hflip' [each model's data.tta]")
     p.add_argument("--merge", default="mean", choices=MERGES, help="mean of probabilities | geometric mean | mean of logits")
     p.add_argument("--gpus-per-actor", type=float, help="e.g. 0.5 for two actors per GPU; 0: CPU actors [1 with GPUs]")
@@ -73,8 +78,11 @@ def main(argv=None) -> int:
             cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
             models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
             smoke=args.smoke, address=args.address, progress=not args.no_progress)
+        run_dir, store = open_run(args.run)
         for model_id in summary["models"] if args.submission else []:
-            print(f"wrote {write_submission(args.run, model_id, summary['out'] / model_id, args.threshold)}")
+            print(f"wrote {write_submission(run_dir, model_id, summary['out'] / model_id, args.threshold)}")
+        if store and args.submission:
+            store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -343,7 +351,12 @@ class Predictor:
 
             self.model, self.weights = (arch, _build(create_model, job).to(self.device).eval()), None
         if self.weights != job["weights"]:
-            self.model[1].load_state_dict(torch.load(job["weights"], map_location=self.device, weights_only=True))
+            path = job["weights"]
+            if job.get("storage") and not os.path.exists(path):  # another node: its own mirror of the run
+                store = RunStore(job["storage"])
+                store.pull(job["weights_rel"])
+                path = store.local / job["weights_rel"]
+            self.model[1].load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
             self.weights, self.loads = job["weights"], self.loads + 1
         return self.model[1]
 
@@ -442,9 +455,14 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
         raise UserError(f"The 'merge' parameter must be one of {list(MERGES)}. Got {merge!r} instead.")
     if tta is not None and views_mod.count_views(tta) == 5 and "fivecrop" in tta and "hflip" in tta:
         print("note: 'fivecrop+hflip' is the 5 flipped crops; the 10-view set is 'fivecrop,fivecrop+hflip'.")
+    run_dir, store = open_run(run_dir)
+    if store:  # configs, OOF files and best weights; not the training checkpoints (last.pt)
+        store.pull(exclude=("last.pt",))
     plans, skipped = plan_run(run_dir, tta=tta, merge=merge, models=models, per_view=per_view, force=force, smoke=smoke)
     for model_id, why in skipped.items():
         print(f"skipped {model_id}: {why}")
+    for job in (job for plan in plans for job in plan.jobs.values()) if store else ():
+        job.update(storage=store.uri, weights_rel=Path(job["weights"]).relative_to(run_dir).as_posix())
     summary = {"out": Path(run_dir) / ("predict-smoke" if smoke else "models"), "skipped": skipped, "scores": {},
                "models": [p.model_id for p in plans] + list(skipped), "predicted": [p.model_id for p in plans]}
     if not plans:
@@ -484,6 +502,8 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
     finally:
         for a in actors if own else []:
             ray.kill(a)
+    if store:
+        store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
     summary["seconds"] = seconds = time.perf_counter() - began
     print(f"predicted {len(plans)} model(s): {summary['images']} images in {seconds:.1f} s ({summary['images'] / seconds:.0f}"
           f" images/s, actor start included) on {len(actors)} actor(s) of {cpus:g} CPU / {gpus:g} GPU; "

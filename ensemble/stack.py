@@ -575,7 +575,7 @@ def _write(out: Path, files: dict[str, bytes]) -> None:
 
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ensemble.stack", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (folds.csv, models/)")
+    p.add_argument("--run", required=True, help="run directory (folds.csv, models/), or its URI (s3://..., file://...)")
     p.add_argument("--method", default="all", choices=METHODS + ("all",), help="what to fit besides the baselines")
     p.add_argument("--metric", default="log_loss", help="log_loss | accuracy | f2 | fbeta | map")
     p.add_argument("--beta", type=float, default=2.0, help="F-beta's beta for thresholds (and --metric fbeta)")
@@ -593,9 +593,13 @@ def _parse(argv) -> argparse.Namespace:
 
 def stack(args: argparse.Namespace) -> list[MethodResult]:
     from ensemble.oof import load_run
+    from ensemble.storage import CHECKPOINTS, open_run
 
     metric = get_metric(args.metric, beta=args.beta, average=args.average)
-    data = load_run(args.run, tta=not args.no_tta, skip_incomplete=args.skip_incomplete)
+    run_dir, store = open_run(args.run)
+    if store:  # prediction files only, into this machine's mirror of the run
+        store.pull(exclude=CHECKPOINTS)
+    data = load_run(run_dir, tta=not args.no_tta, skip_incomplete=args.skip_incomplete)
     for model_id, why in data.skipped.items():
         print(f"skipped {model_id}: {why}")
     methods = list(METHODS) if args.method == "all" else [args.method]
@@ -612,12 +616,14 @@ def stack(args: argparse.Namespace) -> list[MethodResult]:
                          columns=["method", "metric", "cv_score", "in_sample_score"])
     files["scores.csv"] = table.to_csv(index=False).encode()
     files["submission.csv"] = _submission(data, winner, test_pred)
-    _write(Path(args.run) / "ensemble", files)  # everything was built in memory first
-    _print_summary(rows, winner, metric, data, Path(args.run) / "ensemble")
+    _write(run_dir / "ensemble", files)  # everything was built in memory first
+    if store:
+        store.push_changed("ensemble")
+    _print_summary(rows, winner, metric, data, f"{args.run}/ensemble" if store else run_dir / "ensemble")
     return rows
 
 
-def _print_summary(rows, winner, metric, data, out: Path) -> None:
+def _print_summary(rows, winner, metric, data, out: Path | str) -> None:
     print(f"{len(data.model_ids)} models, {len(data.ids)} OOF rows, {len(data.test_ids)} test rows, task {data.task}")
     print(f"{'method':<32} {'metric':<10} {'cv_score':>10} {'in_sample':>10} {'seconds':>8}")
     for r in rows:

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -265,15 +266,19 @@ class FoldTrainer:
 
 
 
-def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int, *, cpus: float = 1.0) -> dict:
+def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int, *, cpus: float = 1.0,
+                after_epoch: Callable[[], None] | None = None) -> dict:
     """Bring a fold to `epoch` finished epochs (from its checkpoint); return that epoch's metrics.
 
     The sweep's fold task: one call trains a fold through all its epochs, so the
-    model, data and worker process stay warm between epochs."""
+    model, data and worker process stay warm between epochs. `after_epoch` runs
+    once each epoch's files are written (URI storage uploads them)."""
     trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
     trainer.restore()
     while trainer.epoch < epoch:
         trainer.train_epoch()
+        if after_epoch:
+            after_epoch()
     return dict(trainer.history[epoch - 1], fold=fold)
 
 

@@ -8,6 +8,10 @@ Each fold is one long task (all epochs: model, data and worker stay warm), and
 the trial reports epoch e to Tune once every fold has finished epoch e, with the
 folds' mean metric. ASHA and early stopping therefore decide per param set; when
 they stop a model, its fold tasks are cancelled together.
+
+With URI storage, trial and fold tasks work in their node's mirror of the run and
+copy files to and from the URI (`ensemble.storage`): a fold pushes its files
+after every epoch, the trial pulls the folds' metrics.json while it waits.
 """
 
 from __future__ import annotations
@@ -20,14 +24,23 @@ import numpy as np
 
 from ensemble.artifacts import STATUS_FILE, finalize_model, mark_complete, read_metrics, total_epochs
 from ensemble.io import write_json
+from ensemble.storage import CHECKPOINTS, RunStore
 
 POLL_SECONDS = 0.5
 
 
-def _fold_task(config: dict, fold: int, run_dir: str, epochs: int) -> dict:
+def _fold_task(config: dict, fold: int, run_dir: str, epochs: int, storage: str | None = None) -> dict:
     from ensemble.train import train_until  # torch + timm: imported in the fold worker only
 
-    return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1))
+    after_epoch = None
+    if storage:  # this node's mirror: the fold's checkpoint from the URI, and every epoch back to it
+        store = RunStore(storage)
+        run_dir = store.local
+        store.pull("folds.csv")
+        store.pull(f"models/{config['model_id']}/fold{fold}")
+        after_epoch = lambda: store.push_fold(config["model_id"], fold)  # noqa: E731
+    return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1),
+                       after_epoch=after_epoch)
 
 
 def _warm_up() -> None:
@@ -82,8 +95,13 @@ def run_model(tune_config: dict) -> None:
     import ray
     from ray import tune
 
-    run_dir = Path(tune_config["run_dir"])
-    config = json.loads((run_dir / "models" / tune_config["model_id"] / "config.json").read_text())
+    store = RunStore(tune_config["storage"]) if tune_config.get("storage") else None
+    run_dir = store.local if store else Path(tune_config["run_dir"])
+    model_id = tune_config["model_id"]
+    if store:
+        store.pull("folds.csv")
+        store.pull(f"models/{model_id}", exclude=CHECKPOINTS)
+    config = json.loads((run_dir / "models" / model_id / "config.json").read_text())
     # Resources come from this launch, not config.json: a resumed sweep may run on other hardware.
     config["resources"] = tune_config["resources"]
     k, epochs, metric, mode = config["k"], total_epochs(config), config["metric"], config["mode"]
@@ -94,11 +112,11 @@ def run_model(tune_config: dict) -> None:
     for fold in range(k):
         m = read_metrics(run_dir, config["model_id"], fold)
         if not (m and m["complete"]):
-            pending[fold] = task.remote(config, fold, str(run_dir), epochs)
+            pending[fold] = task.remote(config, fold, str(run_dir), epochs, store and store.uri)
     best, since_best = None, 0
     try:
         for epoch in range(1, epochs + 1):
-            rows = _wait_for_epoch(run_dir, config["model_id"], k, epoch, pending)
+            rows = _wait_for_epoch(run_dir, config["model_id"], k, epoch, pending, store)
             score = float(np.mean([r[metric] for r in rows]))
             if best is None or (score < best if mode == "min" else score > best):
                 best, since_best = score, 0
@@ -111,10 +129,14 @@ def run_model(tune_config: dict) -> None:
                 else:  # let the tasks return normally: a warm worker is worth keeping
                     ray.get(list(pending.values()))
                     pending.clear()
+                if store:
+                    store.pull(f"models/{model_id}", exclude=CHECKPOINTS)  # the folds' oof.parquet
                 for fold in range(k):
                     mark_complete(run_dir, config["model_id"], fold,
                                   stopped=f"early stop after epoch {epoch}" if stop else None)
                 finalize_model(config, run_dir)
+                if store:
+                    store.push_model(model_id, k)
             tune.report({metric: score, "epoch": epoch, **{f"fold{f}_{metric}": r[metric] for f, r in enumerate(rows)}})
             if stop:
                 return
@@ -122,11 +144,14 @@ def run_model(tune_config: dict) -> None:
         _cancel(pending)  # stopped by the scheduler (ASHA) or failing: no orphaned fold tasks
 
 
-def _wait_for_epoch(run_dir: Path, model_id: str, k: int, epoch: int, pending: dict) -> list[dict]:
+def _wait_for_epoch(run_dir: Path, model_id: str, k: int, epoch: int, pending: dict,
+                    store: RunStore | None = None) -> list[dict]:
     """Block until every fold has finished `epoch`; a failed fold task raises here."""
     import ray
 
     while True:
+        for f in range(k if store else 0):
+            store.pull(f"models/{model_id}/fold{f}/metrics.json")
         metrics = [read_metrics(run_dir, model_id, f) for f in range(k)]
         if all(m is not None and m["epochs"] >= epoch for m in metrics):
             return [m["history"][epoch - 1] for m in metrics]
@@ -150,7 +175,7 @@ def _cancel(pending: dict) -> None:
     pending.clear()
 
 
-def pruned_callback(run_dir: Path):
+def pruned_callback(run_dir: Path, store: RunStore | None = None):
     """A Tune callback that records models the scheduler stopped, so --resume does not retrain them."""
     from ray import tune
 
@@ -160,5 +185,7 @@ def pruned_callback(run_dir: Path):
             if not (model_dir / "oof.parquet").exists():
                 write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
                            model_dir / STATUS_FILE)
+                if store:
+                    store.push(f"models/{trial.config['model_id']}/{STATUS_FILE}")
 
     return MarkPruned()

@@ -13,6 +13,10 @@ once per worker, not once per trial.
 Resume does not depend on Tune's experiment state (which breaks when a run
 directory moves): every fold continues from its own `last.pt`, and finished or
 pruned models are recognised from `models/<model_id>/`.
+
+`--storage` is a directory every node sees, or a URI (s3://, gs://, file://...):
+then every process works in a local mirror and copies files to and from the
+URI (`ensemble.storage`), so nodes need no shared file system.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ensemble.artifacts import model_state, read_metrics, total_epochs
 from ensemble.data import Target, read_manifest, resolve_target
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json
+from ensemble.storage import CHECKPOINTS, open_run
 from ensemble.trial import pruned_callback, run_model, warm_up_workers
 
 
@@ -170,14 +175,19 @@ def concurrency(slots: int, k: int) -> int:
     return math.ceil(slots / k) + 1
 
 
-def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke: bool = False,
+def run_sweep(space: spaces.Space, run: str | Path, *, resume: bool = False, smoke: bool = False,
               max_concurrent: int | None = None, address: str | None = None, verbose: int = 1) -> pd.DataFrame:
-    """Launch (or resume) a sweep and return its leaderboard."""
+    """Launch (or resume) a sweep in `run` (a directory or a URI) and return its leaderboard."""
     import ray
     from ray import tune
 
+    run_dir, store = open_run(run)
     run_dir = run_dir.resolve()
+    if store:
+        store.pull(exclude=CHECKPOINTS)
     configs = prepare_run(space, run_dir, resume=resume, smoke=smoke)
+    if store:
+        store.push("space.yaml", "folds.csv", *(f"models/{c['model_id']}/config.json" for c in configs))
     states = {c["model_id"]: model_state(run_dir, c) for c in configs}
     todo = [c["model_id"] for c in configs if states[c["model_id"]] == "todo"]
     for state in ("complete", "pruned"):
@@ -205,19 +215,23 @@ def run_sweep(space: spaces.Space, run_dir: Path, *, resume: bool = False, smoke
             # The trial only waits on its folds: it holds no CPU (a token byte of memory, since Tune
             # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
             tune.with_resources(run_model, {"memory": 1}),
-            param_space={"run_dir": str(run_dir), "early_stopping": raw.get("early_stopping"),
+            param_space={"run_dir": str(run_dir), "storage": store and store.uri,
+                         "early_stopping": raw.get("early_stopping"),
                          "resources": dict(raw["resources"]), "model_id": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,
                                         max_concurrent_trials=limit, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"attempt-{attempt}", storage_path=str(run_dir / "tune"), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=raw.get("max_failures", 2)),
-                callbacks=[pruned_callback(run_dir)]),
+                callbacks=[pruned_callback(run_dir, store)]),
         )
         results = tuner.fit()
+        if store:
+            store.pull(exclude=CHECKPOINTS)  # what the trials wrote, for the leaderboard
         errors = [r for r in results if r.error]
         if errors:
-            resume_cmd = f"python -m ensemble.tune --space {space.path} --storage {run_dir.parent} --name {run_dir.name} --resume"
+            parent, name = str(store.uri if store else run_dir).rsplit("/", 1)
+            resume_cmd = f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
             raise SweepFailed(f"{len(errors)} model(s) failed after retries: "
                               + "; ".join(f"{r.config['model_id']}: {str(r.error).splitlines()[-1][:300]}" for r in errors)
                               + f". Fix the cause, then resume with: {resume_cmd}")
@@ -240,20 +254,22 @@ def leaderboard(run_dir: Path, configs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def print_leaderboard(board: pd.DataFrame, metric: str, mode: str, run_dir: Path) -> None:
+def print_leaderboard(board: pd.DataFrame, metric: str, mode: str, run: str | Path) -> None:
     per_model = board.groupby(["model", "state"], as_index=False)[metric].mean()
     per_model = per_model.sort_values(metric, ascending=mode == "min")
     print("\nLeaderboard (mean over folds):")
     print(per_model.to_string(index=False))
     print("\nPer fold:")
     print(board.to_string(index=False))
-    print(f"\nArtifacts: {run_dir}/models/<model_id>/ (oof.parquet, config.json, fold*/weights.pt)")
+    where = run if "://" in str(run) else Path(run).resolve()
+    print(f"\nArtifacts: {where}/models/<model_id>/ (oof.parquet, config.json, fold*/weights.pt)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ensemble.tune", description=__doc__.splitlines()[0])
     p.add_argument("--space", required=True, help="a name in tune_spaces/ or a path to a .yaml file")
-    p.add_argument("--storage", default="runs", help="directory holding runs [runs]")
+    p.add_argument("--storage", default="runs",
+                   help="directory holding runs, or a URI pyarrow opens (s3://bucket/runs, gs://..., file://...) [runs]")
     p.add_argument("--name", help="run name [the space name, with -smoke under --smoke]")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, small images: a quick end-to-end check")
@@ -275,12 +291,10 @@ def main(argv=None) -> int:
                 print(f"--smoke: training the tiny stand-in backbone {stand_in!r} instead of the space's backbones.")
         if args.gpus_per_trial is not None:
             space = spaces.with_resources(space, gpu=args.gpus_per_trial)
-        if "://" in args.storage:
-            raise UserError(f"--storage {args.storage}: URI storage is not supported yet; use a directory that "
-                            "every node of the cluster sees (a shared file system).")
-        run_dir = Path(args.storage) / (args.name or (space.name + ("-smoke" if args.smoke else "")))
+        name = args.name or (space.name + ("-smoke" if args.smoke else ""))
+        run = f"{args.storage.rstrip('/')}/{name}" if "://" in args.storage else Path(args.storage) / name
         start = time.perf_counter()
-        board = run_sweep(space, run_dir, resume=args.resume, smoke=args.smoke,
+        board = run_sweep(space, run, resume=args.resume, smoke=args.smoke,
                           max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -288,7 +302,7 @@ def main(argv=None) -> int:
     except SweepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print_leaderboard(board, space.raw["metric"], space.raw["mode"], run_dir.resolve())
+    print_leaderboard(board, space.raw["metric"], space.raw["mode"], run)
     print(f"Sweep finished in {time.perf_counter() - start:.0f} s.")
     return 0
 

@@ -210,6 +210,46 @@ def test_smoke_and_submission(pristine, tmp_path, ray_cluster, capsys):
         assert not any((run / "models" / model_id / f).exists() for f in OUTPUTS)  # the real outputs stay untouched
 
 
+def test_predict_submission_and_stack_on_a_uri_run(pristine, tmp_path, actors, monkeypatch, capsys):
+    """A run stored at a URI: outputs land at the URI; this machine's mirror never fetches training checkpoints."""
+    from ensemble import stack
+
+    remote = copy_run(pristine, tmp_path / "bucket")
+    uri = remote.as_uri()
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "mirror"))
+    summary = predict.predict_run(uri, gpus_per_actor=0, progress=False, actors=actors)
+    assert sorted(summary["predicted"]) == model_ids(remote)
+    for model_id in model_ids(remote):
+        assert all((remote / "models" / model_id / f).is_file() for f in OUTPUTS)
+    assert list((tmp_path / "mirror").rglob("last.pt")) == [] and list((tmp_path / "mirror").rglob("weights.pt"))
+    assert predict.main(["--run", uri, "--submission", "--gpus-per-actor", "0", "--no-progress"]) == 0
+    assert "skipped" in capsys.readouterr().out  # complete at the URI: nothing predicted again
+    assert all((remote / "models" / m / "submission.csv").is_file() for m in model_ids(remote))
+    stack.main(["--run", uri, "--method", "greedy", "--smoke"])
+    assert set(pd.read_csv(remote / "ensemble" / "scores.csv")["method"]) >= {"mean", "greedy"}
+    assert (remote / "ensemble" / "submission.csv").is_file()
+
+
+def test_an_actor_on_another_node_pulls_its_weights_from_the_uri(pristine, tmp_path, monkeypatch):
+    """The job names the driver's mirror path; a node without it pulls the file into its own mirror."""
+    from ensemble.storage import RunStore
+
+    uri = pristine.as_uri()
+    plans, _ = predict.plan_run(pristine)
+    job = dict(plans[0].jobs[1, "oof"])
+    rel = Path(job["weights"]).relative_to(pristine).as_posix()
+    job.update(weights=str(tmp_path / "driver-mirror" / rel), storage=uri, weights_rel=rel)
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "node2"))
+    actor = predict.Predictor(cpus=1)
+    model = actor._model(job)
+    assert (RunStore(uri).local / rel).is_file() and actor.loads == 1
+    import torch
+
+    expected = torch.load(pristine / rel, weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.cpu(), expected[name].cpu()), name
+
+
 def test_multilabel_submission_has_tags(tmp_path):
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)

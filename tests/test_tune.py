@@ -50,9 +50,9 @@ def oof(run_dir: Path) -> dict[str, pd.DataFrame]:
     return {p.parent.name: pd.read_parquet(p) for p in sorted((run_dir / "models").glob("*/oof.parquet"))}
 
 
-def cli(*args, **kwargs) -> subprocess.Popen:
+def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """The sweep CLI in its own session (process group), so a kill takes Ray's helpers with it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "ensemble.tune", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kwargs)
@@ -209,24 +209,76 @@ def test_fractional_gpus_pack_two_folds_per_gpu(tmp_path, demo_dir, ray_cluster)
 
 
 @pytest.mark.slow
-def test_two_node_cluster(tmp_path, demo_dir):
-    """A sweep joins a two-node cluster with --address; folds land on the node that has the GPUs."""
+def test_two_node_cluster_with_uri_storage(tmp_path, demo_dir):
+    """--address joins a two-node cluster; folds land on the node with the GPUs; the nodes share no run
+    directory: each works in its own mirror (ENSEMBLE_CACHE_DIR) and the run lives at a file:// URI."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    mirrors = {name: tmp_path / f"mirror-{name}" for name in ("head", "gpu", "fresh")}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "env_vars": {"ENSEMBLE_CACHE_DIR": str(mirrors["head"])}})
     try:
-        cluster.add_node(num_cpus=1, num_gpus=2)
-        path = small_space(tmp_path, demo_dir, rows=160, epochs=1, resources={"cpu": 0.5, "gpu": 0.5})
-        proc = cli("--space", str(path), "--storage", str(tmp_path / "runs"), "--name", "two",
-                   "--address", cluster.address, "-v", "0")
+        cluster.add_node(num_cpus=1, num_gpus=2, env_vars={"ENSEMBLE_CACHE_DIR": str(mirrors["gpu"])})
+        path = small_space(tmp_path, demo_dir, rows=160, epochs=2, resources={"cpu": 0.5, "gpu": 0.5})
+        uri = (tmp_path / "bucket" / "runs").as_uri()
+        args = ("--space", str(path), "--storage", uri, "--name", "two", "--address", cluster.address, "-v", "0")
+        proc = cli(*args, env=dict(os.environ, ENSEMBLE_CACHE_DIR=str(mirrors["head"])))
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
-        assert "Leaderboard" in out
-        model_id = next((tmp_path / "runs" / "two" / "models").iterdir()).name
-        devices = {read_metrics(tmp_path / "runs" / "two", model_id, k)["history"][0]["device"] for k in range(2)}
+        assert "Leaderboard" in out and f"Artifacts: {uri}/two/models" in out
+        remote = tmp_path / "bucket" / "runs" / "two"
+        model_id = next((remote / "models").iterdir()).name
+        devices = {read_metrics(remote, model_id, k)["history"][-1]["device"] for k in range(2)}
         assert devices <= {"0", "1"} and devices
+        assert [p.name for p in remote.rglob("*.tmp")] == []
+        for k in range(2):  # the folds trained in the GPU node's mirror and uploaded every file
+            for name in ("last.pt", "weights.pt", "oof.parquet", "metrics.json"):
+                assert (remote / "models" / model_id / f"fold{k}" / name).is_file()
+            assert list((mirrors["gpu"] / "runs").glob(f"two-*/models/{model_id}/fold{k}/last.pt"))
+        assert list((mirrors["head"] / "runs").rglob("last.pt")) == []  # the driver never fetches checkpoints
+        oof_remote = pd.read_parquet(remote / "models" / model_id / "oof.parquet")
+        assert len(oof_remote) == len(pd.read_csv(remote / "folds.csv"))
+        # Another machine (an empty mirror) resumes from the URI alone: nothing to train.
+        again = cli(*args, "--resume", env=dict(os.environ, ENSEMBLE_CACHE_DIR=str(mirrors["fresh"])))
+        out, _ = again.communicate(timeout=300)
+        assert again.returncode == 0 and "1 model(s) already complete" in out, out
     finally:
         cluster.shutdown()
+
+
+def test_fold_resumes_from_a_uri_checkpoint_in_an_empty_mirror(tmp_path, demo_dir, monkeypatch):
+    """A fold task trains epoch 1 on one machine; another machine, with nothing local, continues it
+    from the URI to the same result as an uninterrupted fold."""
+    from ensemble.trial import _fold_task
+    from ensemble.storage import RunStore
+
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
+    config = tune.prepare_run(space, tmp_path / "straight", resume=False, smoke=False)[0]
+    straight = train_fold(config, 0, tmp_path / "straight")
+    uri = (tmp_path / "bucket" / "run").as_uri()
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "machine-a"))
+    tune.prepare_run(space, RunStore(uri).local, resume=False, smoke=False)
+    RunStore(uri).push("folds.csv")
+    _fold_task(config, 0, "unused", 1, uri)  # a crash after epoch 1 ...
+    shutil.rmtree(tmp_path / "machine-a")
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "machine-b"))
+    row = _fold_task(config, 0, "unused", 2, uri)  # ... continues elsewhere at epoch 2
+    assert row["epoch"] == 2 and straight.epochs == 2
+    remote = tmp_path / "bucket" / "run"
+    history = read_metrics(remote, config["model_id"], 0)["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    a = pd.read_parquet(tmp_path / "straight" / "models" / config["model_id"] / "fold0" / "oof.parquet")
+    b = pd.read_parquet(remote / "models" / config["model_id"] / "fold0" / "oof.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_unopenable_storage_uri_is_a_clear_error(tmp_path, demo_dir):
+    path = small_space(tmp_path, demo_dir)
+    proc = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage", "nosuch://x/y"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "nosuch://x/y" in proc.stderr and "pyarrow cannot open it" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_smoke_flag_runs_pnasnet_space_with_stand_in(tmp_path, demo_dir):
