@@ -188,6 +188,46 @@ def test_killed_fold_worker_is_retried_from_its_checkpoint(tmp_path, demo_dir, r
 
 
 @pytest.mark.slow
+def test_a_raising_trial_is_retried_from_its_checkpoints(tmp_path, demo_dir, ray_cluster):
+    """An image vanishes mid-sweep (a network share's hiccup): the fold raises, Tune retries the trial
+    (max_failures), and once the file is back the folds continue from their last epoch, not from 0."""
+    path = small_space(tmp_path, demo_dir, rows=600, epochs=3, max_failures=50)
+    text = path.read_text().replace("normalize: dataset", "normalize: dataset\n  cache: false")  # decode every epoch
+    path.write_text(text)
+    run_dir = tmp_path / "runs" / "raise"
+    image = demo_dir / pd.read_csv(demo_dir / "multiclass.csv")["image"][0]
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(board=tune.run_sweep(spaces.load_space(str(path)), run_dir, verbose=0)))
+    thread.start()
+    hidden, errors = image.with_suffix(".away"), []
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and not any(m["epochs"] >= 1 for m in _metrics(run_dir)):
+            time.sleep(0.1)
+        before = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")}
+        image.rename(hidden)
+        while time.time() < deadline and not errors:  # Tune records the trial's failure, then retries it
+            errors = list((run_dir / "tune").rglob("error.txt"))
+            time.sleep(0.1)
+    finally:
+        hidden.rename(image)
+    thread.join(timeout=300)
+    assert errors and image.name in errors[0].read_text()
+    assert set(result["board"]["state"]) == {"complete"}
+    for p in run_dir.glob("models/*/fold*/metrics.json"):
+        history = json.loads(p.read_text())["history"]
+        assert [row["epoch"] for row in history] == [1, 2, 3]
+        done = before.get(p.parent.name, {"history": []})["history"]
+        assert history[: len(done)] == done  # epochs finished before the fault were not trained again
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")]
+
+
+@pytest.mark.slow
 def test_fractional_gpus_pack_two_folds_per_gpu(tmp_path, demo_dir, ray_cluster):
     """4 logical GPUs, gpu: 0.5 per fold: 8 folds run at once, two per device."""
     path = small_space(tmp_path, demo_dir, rows=160, epochs=1, folds={"k": 8, "strategy": "kfold", "seed": 0},
