@@ -119,6 +119,10 @@ class RunStore:
             if mtime is not None:
                 os.utime(local, ns=(mtime, mtime))
 
+    def clear_mirror(self) -> None:
+        """Forget this node's copy (it is only a cache of the URI)."""
+        shutil.rmtree(self.local, ignore_errors=True)
+
     def push_changed(self, rel: str, *, exclude: tuple[str, ...] = ()) -> None:
         """Upload every mirror file under `rel` that the URI lacks or holds in another version."""
         local_root = self.local / rel

@@ -184,6 +184,8 @@ def run_sweep(space: spaces.Space, run: str | Path, *, resume: bool = False, smo
     run_dir, store = open_run(run)
     run_dir = run_dir.resolve()
     if store:
+        if not store.pull("space.yaml"):  # no run at the URI: a mirror left by an earlier one must not pose as it
+            store.clear_mirror()
         store.pull(exclude=CHECKPOINTS)
     configs = prepare_run(space, run_dir, resume=resume, smoke=smoke)
     if store:
