@@ -19,7 +19,8 @@ Modules in reading order (the flow of docs/design.md):
   select      greedy (Caruana) ensemble selection            (plain numpy)
   thresholds  per-label F-beta thresholds                    (plain numpy)
   oof         aligned OOF/test matrices of a run, checked against folds.csv
-  stack       meta-models and the stacking CLI               (python -m ensemble.stack)
+  meta        LightGBM / XGBoost / ridge / logistic meta-models on the same folds
+  stack       every combiner scored the same way; the CLI    (python -m ensemble.stack)
   demo        the end-to-end demo behind `make demo`        (python -m ensemble.demo)
 """
 

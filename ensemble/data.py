@@ -186,12 +186,12 @@ def read_manifest(
         target = None
     frame = frame.reset_index(drop=True)
     frame["id"] = frame["id"].astype(str)
-    _check_ids(frame, path)
+    check_ids(frame, path)
     if "group" in frame:
         _fail_rows(frame["group"].astype(str).str.strip() == "", path, "empty 'group'",
                    "give every row a group (subject/driver) or drop the column")
     if target is not None:
-        classes = _check_targets(frame, target, classes, path)
+        classes = check_targets(frame, target, classes, path)
     _check_image_paths(frame, root, path, check_images)
     return Manifest(path=path, root=root, frame=frame, target=target, classes=list(classes or []))
 
@@ -211,13 +211,13 @@ def _fail_rows(mask, path: Path, problem: str, fix: str) -> None:
         raise UserError(f"{path}: {problem} at {format_rows(rows)}; {fix}.")
 
 
-def _check_ids(frame: pd.DataFrame, path: Path) -> None:
+def check_ids(frame: pd.DataFrame, path: Path) -> None:
     _fail_rows(frame["id"].str.strip() == "", path, "empty 'id'", "every row needs a unique id")
     _fail_rows(frame["id"].duplicated(keep="first"), path, "duplicate 'id'",
                "ids must be unique (the later duplicates are listed)")
 
 
-def _check_targets(frame: pd.DataFrame, target: Target, classes: list[str] | None, path: Path) -> list[str]:
+def check_targets(frame: pd.DataFrame, target: Target, classes: list[str] | None, path: Path) -> list[str]:
     values = frame[target.column].astype(str).str.strip()
     frame[target.column] = values
     _fail_rows(values == "", path, f"empty '{target.column}'",

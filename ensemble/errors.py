@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from typing import Callable
+
 
 class UserError(ValueError):
     """Bad input from the user: a manifest, a space file, a run directory, a flag.
@@ -10,6 +14,27 @@ class UserError(ValueError):
     accepted (and for a sweep, the command that resumes it). CLIs print it as
     one line and exit with code 2; it is never an internal invariant.
     """
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by something other than bad input (a trial failed after its retries, an actor
+    died); what finished is kept, and the message says how to continue. CLIs exit with code 1."""
+
+
+def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorate a CLI's main(argv): UserError -> one line on stderr and 2; RunFailed -> one line and 1."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv) or 0
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RunFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def format_rows(rows, limit: int = 5) -> str:

@@ -88,7 +88,7 @@ def _read_folds(run: Path, target: dict, classes: list[str]) -> pd.DataFrame:
         raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}. "
                         f"folds.csv needs id, fold and the target column {target['column']!r}.")
     frame = frame.reset_index(drop=True)
-    data._check_ids(frame, path)
+    data.check_ids(frame, path)
     fold = pd.to_numeric(frame["fold"], errors="coerce")
     bad = ~np.isfinite(fold.to_numpy(dtype=float)) | (fold % 1 != 0)
     if bad.any():
@@ -97,7 +97,7 @@ def _read_folds(run: Path, target: dict, classes: list[str]) -> pd.DataFrame:
         raise UserError(f"{path}: 'fold' is not an integer at {format_rows(np.flatnonzero(bad) + 1)}; "
                         "folds are 0..k-1 as the folds stage writes them.")
     frame["fold"] = fold.astype(np.int64)
-    data._check_targets(frame, data.Target(**_target_fields(target)), classes, path)
+    data.check_targets(frame, data.Target(**_target_fields(target)), classes, path)
     return frame
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 from ensemble import views as views_mod
 from ensemble.artifacts import read_metrics, stage_of
 from ensemble.data import Target, encode_targets, read_manifest
-from ensemble.errors import UserError
+from ensemble.errors import RunFailed, UserError, cli_main
 from ensemble.io import write_csv, write_json, write_parquet
 from ensemble.storage import CHECKPOINTS, RunStore, open_run
 
@@ -70,29 +70,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = predict_run(
-            args.run, tta=args.tta, merge=args.merge, gpus_per_actor=args.gpus_per_actor,
-            cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
-            models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
-            smoke=args.smoke, address=args.address, progress=not args.no_progress)
-        run_dir, store = open_run(args.run)
-        for model_id in summary["models"] if args.submission else []:
-            print(f"wrote {write_submission(run_dir, model_id, summary['out'] / model_id, args.threshold)}")
-        if store and args.submission:
-            store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PredictFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = predict_run(
+        args.run, tta=args.tta, merge=args.merge, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
+        models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
+        smoke=args.smoke, address=args.address, progress=not args.no_progress)
+    run_dir, store = open_run(args.run)
+    for model_id in summary["models"] if args.submission else []:
+        print(f"wrote {write_submission(run_dir, model_id, summary['out'] / model_id, args.threshold)}")
+    if store and args.submission:
+        store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
     return 0
 
 
-class PredictFailed(RuntimeError):
+class PredictFailed(RunFailed):
     """A predictor actor died (e.g. out of memory); finished models are kept and a rerun resumes."""
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 from ensemble import datasets, folds as folds_mod, spaces
 from ensemble.artifacts import model_state, read_metrics, total_epochs
 from ensemble.data import Target, read_manifest, resolve_target
-from ensemble.errors import UserError
+from ensemble.errors import RunFailed, UserError, cli_main
 from ensemble.io import write_csv, write_json
 from ensemble.storage import CHECKPOINTS, open_run
 from ensemble.trial import pruned_callback, run_model, warm_up_workers
@@ -240,8 +240,8 @@ def run_sweep(space: spaces.Space, run: str | Path, *, resume: bool = False, smo
     return leaderboard(run_dir, configs)
 
 
-class SweepFailed(RuntimeError):
-    pass
+class SweepFailed(RunFailed):
+    """Models failed after their retries; the finished ones are kept and --resume continues."""
 
 
 def leaderboard(run_dir: Path, configs: list[dict]) -> pd.DataFrame:
@@ -282,28 +282,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        space = spaces.load_space(args.space)
-        if args.smoke:
-            stand_in = space.raw.get("smoke", {}).get("backbone")
-            space = spaces.apply_smoke(space)
-            if stand_in and space.raw["backbones"] == [stand_in]:
-                print(f"--smoke: training the tiny stand-in backbone {stand_in!r} instead of the space's backbones.")
-        if args.gpus_per_trial is not None:
-            space = spaces.with_resources(space, gpu=args.gpus_per_trial)
-        name = args.name or (space.name + ("-smoke" if args.smoke else ""))
-        run = f"{args.storage.rstrip('/')}/{name}" if "://" in args.storage else Path(args.storage) / name
-        start = time.perf_counter()
-        board = run_sweep(space, run, resume=args.resume, smoke=args.smoke,
-                          max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SweepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    space = spaces.load_space(args.space)
+    if args.smoke:
+        stand_in = space.raw.get("smoke", {}).get("backbone")
+        space = spaces.apply_smoke(space)
+        if stand_in and space.raw["backbones"] == [stand_in]:
+            print(f"--smoke: training the tiny stand-in backbone {stand_in!r} instead of the space's backbones.")
+    if args.gpus_per_trial is not None:
+        space = spaces.with_resources(space, gpu=args.gpus_per_trial)
+    name = args.name or (space.name + ("-smoke" if args.smoke else ""))
+    run = f"{args.storage.rstrip('/')}/{name}" if "://" in args.storage else Path(args.storage) / name
+    start = time.perf_counter()
+    board = run_sweep(space, run, resume=args.resume, smoke=args.smoke,
+                      max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose)
     print_leaderboard(board, space.raw["metric"], space.raw["mode"], run)
     print(f"Sweep finished in {time.perf_counter() - start:.0f} s.")
     return 0

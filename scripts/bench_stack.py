@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the seeded run generator
 
-from ensemble import stack  # noqa: E402
+from ensemble import meta, stack  # noqa: E402
 from ensemble.metrics import fbeta_binary, get_metric, log_loss  # noqa: E402
 from ensemble.select import GreedySelection, cross_val_predict  # noqa: E402
 from ensemble.thresholds import LabelThresholds  # noqa: E402
@@ -132,8 +132,8 @@ def bench_meta(n: int, n_models: int, n_classes: int, n_labels: int, smoke: bool
         greedy, t_greedy = _timed(lambda: cross_val_predict(GreedySelection("log_loss", task), oof, y, folds)[0])
         print(f"\n3. meta-models, {task}: {n:,} rows x {n_models} models x {labels} classes, 5 folds "
               f"(best single CV log loss {min(singles):.4f}, greedy {log_loss(y, greedy, task):.4f} in {t_greedy:.2f} s)")
-        for method in stack.META_METHODS:
-            fit, t = _timed(lambda: stack.fit_meta(method, oof, y, folds, test, task, smoke=smoke))
+        for method in meta.META_METHODS:
+            fit, t = _timed(lambda: meta.fit_meta(method, oof, y, folds, test, task, smoke=smoke))
             print(f"   {method:<7} fit {t:6.2f} s   CV log loss {log_loss(y, fit.oof, task):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(Path(tmp) / "run", "multiclass", n=n, n_test=n // 5, k=5, n_classes=n_classes, seed=3)

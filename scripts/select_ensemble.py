@@ -16,12 +16,13 @@ import sys
 
 import numpy as np
 
-from ensemble.errors import UserError
+from ensemble.errors import cli_main
 from ensemble.metrics import get_metric
 from ensemble.oof import load_run
 from ensemble.select import GreedySelection, cross_val_predict
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run directory (folds.csv, models/)")
@@ -34,12 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-tta", action="store_true", help="use oof.parquet even where oof_tta.parquet exists")
     p.add_argument("--skip-incomplete", action="store_true", help="leave out models with missing outputs")
     p.add_argument("--smoke", action="store_true", help="quick: at most 5 iterations")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(p.parse_args(argv))
     return 0
 
 
@@ -77,4 +73,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble import stack
+from ensemble import meta, stack
 from ensemble.data import encode_targets
 from ensemble.errors import UserError
 from ensemble.metrics import log_loss
@@ -113,9 +113,7 @@ def test_bad_runs_are_one_clear_error_and_write_nothing(case, mc_run, tmp_path, 
     corrupt(run)
     with pytest.raises(UserError, match=message):
         load_run(run)
-    with pytest.raises(SystemExit) as exc:
-        stack.main(["--run", str(run), "--method", "mean"])
-    assert exc.value.code == 2
+    assert stack.main(["--run", str(run), "--method", "mean"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (run / "ensemble").exists()
@@ -143,25 +141,25 @@ def test_not_a_run_directory(tmp_path):
 # ------------------------------------------------------------------ meta-models
 
 
-@pytest.mark.parametrize("method", stack.META_METHODS)
+@pytest.mark.parametrize("method", meta.META_METHODS)
 def test_meta_model_folds_never_see_their_own_rows(method, mc_data):
     """Permuting fold 0's labels cannot change fold 0's level-2 predictions."""
     d = mc_data
-    base = stack.fit_meta(method, d.oof, d.y_true, d.folds, d.test, d.task, smoke=True)
+    base = meta.fit_meta(method, d.oof, d.y_true, d.folds, d.test, d.task, smoke=True)
     y = d.y_true.copy()
     held = d.folds == 0
     y[held] = y[held][np.random.default_rng(0).permutation(held.sum())]
-    moved = stack.fit_meta(method, d.oof, y, d.folds, d.test, d.task, smoke=True)
+    moved = meta.fit_meta(method, d.oof, y, d.folds, d.test, d.task, smoke=True)
     np.testing.assert_array_equal(base.oof[held], moved.oof[held])
     assert not np.array_equal(base.oof[~held], moved.oof[~held])  # the test can fail: other folds did change
 
 
-@pytest.mark.parametrize("method", stack.META_METHODS)
+@pytest.mark.parametrize("method", meta.META_METHODS)
 def test_meta_models_on_noise_score_at_chance(method, tmp_path_factory):
     d = load_run(write_noise_run(tmp_path_factory.mktemp("noise") / "run", n=800, seed=3))
     prior = d.y_true.mean(axis=0)
     chance = -(prior * np.log(prior)).sum()  # the best a model that knows only the class rates can do
-    fit = stack.fit_meta(method, d.oof, d.y_true, d.folds, d.test, d.task, smoke=True)
+    fit = meta.fit_meta(method, d.oof, d.y_true, d.folds, d.test, d.task, smoke=True)
     cv = log_loss(d.y_true, fit.oof)
     assert chance - 0.005 < cv < chance + 0.03, (cv, chance)  # a leak (e.g. early stopping on the held-out fold) lands below
     accuracy = (fit.oof.argmax(1) == d.y_true.argmax(1)).mean()
@@ -171,15 +169,15 @@ def test_meta_models_on_noise_score_at_chance(method, tmp_path_factory):
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
 def test_native_formats_round_trip(task, mc_data, ml_run, tmp_path):
     d = mc_data if task == "multiclass" else load_run(ml_run)
-    for method in stack.META_METHODS:
-        fit = stack.fit_meta(method, d.oof, d.y_true, d.folds, d.test, task, entropy=True, smoke=True)
+    for method in meta.META_METHODS:
+        fit = meta.fit_meta(method, d.oof, d.y_true, d.folds, d.test, task, entropy=True, smoke=True)
         folder = tmp_path / method
-        for rel, payload in stack.meta_files(fit, d.classes, d.model_ids).items():
+        for rel, payload in meta.meta_files(fit, d.classes, d.model_ids).items():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(payload)
         suffixes = {p.suffix for p in folder.rglob("*") if p.is_file()}
         assert suffixes <= {".json", ".txt", ".npz"}, suffixes  # never a pickle
-        loaded = stack.load_meta(folder)
+        loaded = meta.load_meta(folder)
         np.testing.assert_allclose(loaded.predict(d.test), fit.test, rtol=1e-6, atol=1e-9)
 
 
@@ -225,7 +223,5 @@ def test_cli_multilabel_thresholds_and_tags(ml_run, tmp_path, capsys):
 
 
 def test_cli_rejects_bad_flags(mc_run, capsys):
-    with pytest.raises(SystemExit) as exc:
-        stack.main(["--run", str(mc_run), "--metric", "auc"])
-    assert exc.value.code == 2
+    assert stack.main(["--run", str(mc_run), "--metric", "auc"]) == 2
     assert "'metric' parameter must be one of ['accuracy', 'f2', 'fbeta', 'log_loss', 'map']" in capsys.readouterr().err
