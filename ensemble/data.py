@@ -212,12 +212,14 @@ def _fail_rows(mask, path: Path, problem: str, fix: str) -> None:
 
 
 def check_ids(frame: pd.DataFrame, path: Path) -> None:
+    """One UserError naming the rows with an empty or a duplicate id."""
     _fail_rows(frame["id"].str.strip() == "", path, "empty 'id'", "every row needs a unique id")
     _fail_rows(frame["id"].duplicated(keep="first"), path, "duplicate 'id'",
                "ids must be unique (the later duplicates are listed)")
 
 
 def check_targets(frame: pd.DataFrame, target: Target, classes: list[str] | None, path: Path) -> list[str]:
+    """Strip the target column and check it (empty, unknown class, malformed attribute string); return the classes."""
     values = frame[target.column].astype(str).str.strip()
     frame[target.column] = values
     _fail_rows(values == "", path, f"empty '{target.column}'",
