@@ -39,9 +39,11 @@ from ensemble.artifacts import read_metrics, stage_of
 from ensemble.data import Target, encode_targets, read_manifest
 from ensemble.errors import RunFailed, UserError, cli_main
 from ensemble.io import write_csv, write_json, write_parquet
-from ensemble.storage import CHECKPOINTS, RunStore, open_run
+from ensemble.storage import ARTIFACTS, RunStore, open_run
 
 MERGES = ("mean", "gmean", "logits")
+OUTPUT_FILES = ("oof_tta.parquet", "test.parquet", "oof_views.parquet", "test_views.parquet", "predict.json",
+                "submission.csv")
 CPU_FORWARD_BATCH = 32  # ENV.md: 32-64 images per forward is this CPU's sweet spot; bigger batches are slower
 SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 
@@ -73,16 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    summary = predict_run(
-        args.run, tta=args.tta, merge=args.merge, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
-        models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
-        smoke=args.smoke, address=args.address, progress=not args.no_progress)
-    run_dir, store = open_run(args.run)
-    for model_id in summary["models"] if args.submission else []:
-        print(f"wrote {write_submission(run_dir, model_id, summary['out'] / model_id, args.threshold)}")
-    if store and args.submission:
-        store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
+    predict_run(args.run, tta=args.tta, merge=args.merge, gpus_per_actor=args.gpus_per_actor,
+                cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
+                models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
+                smoke=args.smoke, address=args.address, progress=not args.no_progress,
+                submission=args.submission, threshold=args.threshold)
     return 0
 
 
@@ -109,8 +106,10 @@ class ModelPlan:
 
 
 def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, force=False,
-             smoke=False) -> tuple[list[ModelPlan], dict[str, str]]:
-    """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why)."""
+             smoke=False, store=None) -> tuple[list[ModelPlan], dict[str, str]]:
+    """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why).
+
+    `store`: the run is at a URI and `run_dir` its scratch copy; the weights to check are pulled here."""
     run_dir = Path(run_dir)
     if not (run_dir / "folds.csv").exists() or not (run_dir / "models").is_dir():
         raise UserError(f"{run_dir}: not a run directory (needs folds.csv and models/); pass the directory the sweep wrote.")
@@ -144,6 +143,8 @@ def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, fo
         image_of = train.frame.set_index("id")["image"]
         for k in range(config["k"]):
             weights = run_dir / "models" / model_id / f"fold{k}" / "weights.pt"
+            if store:
+                store.pull(weights.relative_to(run_dir).as_posix())
             if not weights.exists():
                 raise UserError(f"{weights}: checkpoint missing, so fold {k} of {model_id} cannot be predicted. "
                                 "Resume the sweep to train it, or leave the model out with --models.")
@@ -319,6 +320,7 @@ class Predictor:
         from ensemble.loader import normalize_batch
 
         began, loads = time.perf_counter(), self.loads
+        job = self._localize(job) if job.get("storage") else job
         model, loader = self._model(job), self._loader(job, paths)
         loader.sampler.rows = range(start, stop)
         chunks, seen = [], []
@@ -337,6 +339,14 @@ class Predictor:
         out["seconds"] = time.perf_counter() - began
         return out
 
+    def _localize(self, job: dict) -> dict:
+        """A job of a run at a URI: its paths in this node's mirror, the weights pulled there when not loaded."""
+        store = RunStore(job["storage"])
+        weights = str(store.local / job["weights"])
+        if self.weights != weights:  # the URI's version (one metadata request when the copy is current)
+            store.pull(job["weights"])
+        return dict(job, weights=weights, cache=job["cache"] and str(store.local / job["cache"]), storage=None)
+
     def _model(self, job: dict):
         torch = self._torch()
         arch = (job["backbone"], job["n_classes"], job["dropout"], job["drop_path"])
@@ -345,12 +355,7 @@ class Predictor:
 
             self.model, self.weights = (arch, _build(create_model, job).to(self.device).eval()), None
         if self.weights != job["weights"]:
-            path = job["weights"]
-            if job.get("storage") and not os.path.exists(path):  # another node: its own mirror of the run
-                store = RunStore(job["storage"])
-                store.pull(job["weights_rel"])
-                path = store.local / job["weights_rel"]
-            self.model[1].load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            self.model[1].load_state_dict(torch.load(job["weights"], map_location=self.device, weights_only=True))
             self.weights, self.loads = job["weights"], self.loads + 1
         return self.model[1]
 
@@ -437,30 +442,46 @@ def merge_views(logits: np.ndarray, task: str, how: str = "mean") -> np.ndarray:
 # --------------------------------------------------------------------------- run: pool -> merge -> write
 
 
-def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_per_actor=None, forward_batch=None,
+def predict_run(run, *, tta=None, merge="mean", gpus_per_actor=None, cpus_per_actor=None, forward_batch=None,
                 shard_size=512, models=None, per_view=False, force=False, smoke=False, address=None,
-                progress=True, actors=None) -> dict:
-    """Predict every complete model of a run (see the module docstring); returns a summary dict.
+                progress=True, actors=None, submission=False, threshold=0.5) -> dict:
+    """Predict every complete model of a run (a directory or a URI; see the module docstring).
 
     Everything is validated before Ray starts. `actors`: Predictor actors from `create_pool`
     to use (and leave running); default: a pool made for this call, filling the cluster.
+    `submission`: also write each model's submission.csv. Returns a summary dict.
     """
     if merge not in MERGES:
         raise UserError(f"The 'merge' parameter must be one of {list(MERGES)}. Got {merge!r} instead.")
     if tta is not None and views_mod.count_views(tta) == 5 and "fivecrop" in tta and "hflip" in tta:
         print("note: 'fivecrop+hflip' is the 5 flipped crops; the 10-view set is 'fivecrop,fivecrop+hflip'.")
-    run_dir, store = open_run(run_dir)
-    if store:  # configs, OOF files and best weights; not the training checkpoints (last.pt)
-        store.pull(exclude=("last.pt",))
-    plans, skipped = plan_run(run_dir, tta=tta, merge=merge, models=models, per_view=per_view, force=force, smoke=smoke)
-    for model_id, why in skipped.items():
-        print(f"skipped {model_id}: {why}")
-    for job in (job for plan in plans for job in plan.jobs.values()) if store else ():
-        job.update(storage=store.uri, weights_rel=Path(job["weights"]).relative_to(run_dir).as_posix())
-    summary = {"out": Path(run_dir) / ("predict-smoke" if smoke else "models"), "skipped": skipped, "scores": {},
-               "models": [p.model_id for p in plans] + list(skipped), "predicted": [p.model_id for p in plans]}
-    if not plans:
+    with open_run(run) as (run_dir, store):
+        if store:
+            store.pull(only=ARTIFACTS)  # plan_run pulls the weights of the models it will predict
+        plans, skipped = plan_run(run_dir, tta=tta, merge=merge, models=models, per_view=per_view, force=force,
+                                  smoke=smoke, store=store)
+        for model_id, why in skipped.items():
+            print(f"skipped {model_id}: {why}")
+        out = Path(run_dir) / ("predict-smoke" if smoke else "models")
+        summary = {"out": out, "skipped": skipped, "scores": {}, "models": [p.model_id for p in plans] + list(skipped),
+                   "predicted": [p.model_id for p in plans]}
+
+        def written(model_id: str) -> None:  # with URI storage, each model's outputs go up as soon as written
+            if store:
+                store.push(*(f"{out.relative_to(run_dir).as_posix()}/{model_id}/{name}" for name in OUTPUT_FILES))
+
+        if plans:
+            summary.update(_predict(plans, run_dir, store, gpus_per_actor, cpus_per_actor, forward_batch,
+                                    shard_size, address, progress, actors, written))
+        for model_id in summary["models"] if submission else []:
+            print(f"wrote {write_submission(run_dir, model_id, out / model_id, threshold)}")
+            written(model_id)
         return summary
+
+
+def _predict(plans, run_dir, store, gpus_per_actor, cpus_per_actor, forward_batch, shard_size, address, progress,
+             actors, written) -> dict:
+    """The models' shards through a pool of Predictor actors; each model's outputs written as it completes."""
     import ray
 
     if not ray.is_initialized():
@@ -479,7 +500,10 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
         for key, job in plan.jobs.items():
             paths = plan.paths[key]
             job["batch"] = max(1, cap // job["n_views"])  # images per loader batch: one forward of <= cap images
-            if job["cache"]:  # created here, once, so that actors never race to create the same file
+            if store:  # an actor resolves these in its node's mirror of the run
+                job.update(storage=store.uri, weights=Path(job["weights"]).relative_to(run_dir).as_posix(),
+                           cache=job["cache"] and Path(job["cache"]).relative_to(run_dir).as_posix())
+            elif job["cache"]:  # created here, once, so that actors never race to create the same file
                 from ensemble.loader import DecodedCache
 
                 DecodedCache(job["cache"], len(paths), job["image_size"])
@@ -492,12 +516,10 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
     own = actors is None
     actors = create_pool(min(n, len(items)), cpus, gpus)[0] if own else actors
     try:
-        summary.update(_run_pool(actors, items, plans, progress), actors=len(actors), cpus=cpus, gpus=gpus)
+        summary = dict(_run_pool(actors, items, plans, progress, written), actors=len(actors), cpus=cpus, gpus=gpus)
     finally:
         for a in actors if own else []:
             ray.kill(a)
-    if store:
-        store.push_changed(summary["out"].relative_to(run_dir).as_posix(), exclude=CHECKPOINTS)
     summary["seconds"] = seconds = time.perf_counter() - began
     print(f"predicted {len(plans)} model(s): {summary['images']} images in {seconds:.1f} s ({summary['images'] / seconds:.0f}"
           f" images/s, actor start included) on {len(actors)} actor(s) of {cpus:g} CPU / {gpus:g} GPU; "
@@ -505,7 +527,7 @@ def predict_run(run_dir, *, tta=None, merge="mean", gpus_per_actor=None, cpus_pe
     return summary
 
 
-def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool) -> dict:
+def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool, written=None) -> dict:
     """Every shard through the pool; each model is written as soon as all its shards are back."""
     import ray
     from ray.util import ActorPool
@@ -540,6 +562,8 @@ def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool)
             if not left[model_id]:
                 mine = {k[1:]: results.pop(k) for k in [k for k in results if k[0] == model_id]}
                 scores[model_id] = write_outputs(plan_of[model_id], mine)
+                if written:
+                    written(model_id)
                 bar.write(f"{model_id}: " + ", ".join(f"{k} {v:.5f}" for k, v in scores[model_id].items()))
     return {"images": images, "loads": loads, "scores": scores}
 

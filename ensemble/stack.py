@@ -162,13 +162,23 @@ def _parse(argv) -> argparse.Namespace:
 
 
 def stack(args: argparse.Namespace) -> list[MethodResult]:
+    from ensemble.storage import ARTIFACTS, open_run
+
+    with open_run(args.run) as (run_dir, store):
+        if store:  # the prediction files, into a scratch copy of the run
+            store.pull(only=ARTIFACTS)
+        rows, winner, metric, data, files = _stack(args, run_dir)
+        _write(run_dir / "ensemble", files)  # everything was built in memory first
+        if store:
+            store.push(*(f"ensemble/{rel}" for rel in files))
+        _print_summary(rows, winner, metric, data, f"{args.run}/ensemble" if store else run_dir / "ensemble")
+    return rows
+
+
+def _stack(args, run_dir: Path):
     from ensemble.oof import load_run
-    from ensemble.storage import CHECKPOINTS, open_run
 
     metric = get_metric(args.metric, beta=args.beta, average=args.average)
-    run_dir, store = open_run(args.run)
-    if store:  # prediction files only, into this machine's mirror of the run
-        store.pull(exclude=CHECKPOINTS)
     data = load_run(run_dir, tta=not args.no_tta, skip_incomplete=args.skip_incomplete)
     for model_id, why in data.skipped.items():
         print(f"skipped {model_id}: {why}")
@@ -186,11 +196,7 @@ def stack(args: argparse.Namespace) -> list[MethodResult]:
                          columns=["method", "metric", "cv_score", "in_sample_score"])
     files["scores.csv"] = table.to_csv(index=False).encode()
     files["submission.csv"] = _submission(data, winner, test_pred)
-    _write(run_dir / "ensemble", files)  # everything was built in memory first
-    if store:
-        store.push_changed("ensemble")
-    _print_summary(rows, winner, metric, data, f"{args.run}/ensemble" if store else run_dir / "ensemble")
-    return rows
+    return rows, winner, metric, data, files
 
 
 def _print_summary(rows, winner, metric, data, out: Path | str) -> None:

@@ -1,36 +1,61 @@
 """Runs stored at a URI (s3://, gs://, hdfs://, file://, anything pyarrow.fs opens).
 
-Every stage reads and writes a run as a local directory (ensemble.artifacts). With
-`--storage URI` the run lives at the URI, and each process that touches it, on
-any node, works in a local mirror (`$ENSEMBLE_CACHE_DIR/runs/`, default
-`~/.cache/ensemble/runs/`) and copies the files it needs:
+Every stage reads and writes a run as a local directory (ensemble.artifacts).
+With `--storage URI` the run lives at the URI and the processes that touch it
+copy files to and from it, so the nodes of a cluster need no shared file system:
 
-  driver     pulls the run without checkpoints before preparing or resuming it;
-             pushes space.yaml, folds.csv, the configs and the pruned marks
-  fold task  pulls its fold directory (the last.pt it continues from) and
-             folds.csv; pushes the fold after every epoch, metrics.json last,
-             so a reader never sees an epoch whose checkpoint is not there yet
-  trial      pulls its folds' metrics.json while it waits; pushes what
-             mark_complete and finalize_model write
+  fold task      works in its node's mirror (`$ENSEMBLE_CACHE_DIR/runs/`, default
+                 `~/.cache/ensemble/runs/`): makes its fold directory equal to the
+                 URI's (the last.pt it continues from), then pushes the fold's
+                 files after every epoch, metrics.json last, so a reader never
+                 sees an epoch whose checkpoint is not there yet
+  predict actor  pulls the weights (and keeps the decoded-image cache) in its
+                 node's mirror
+  driver, trial  work in a private scratch directory (`open_run`): they pull the
+                 small artifacts (json, yaml, csv, parquet; never checkpoints or
+                 caches) and push exactly the files they write
 
-Each file is uploaded under a temporary name and moved into place, so a crash
-never leaves a truncated artifact at the URI. No torch and no Ray here.
+Only a fold task writes into its fold's directory of the node mirror, and only
+from the URI's copy or its own training, so nothing on the node can roll a file
+back. Each push goes to a temporary name and is moved into place: a crash never
+leaves a truncated artifact at the URI. No torch and no Ray here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
-CHECKPOINTS = (".pt",)  # pull(exclude=CHECKPOINTS): what the driver and the stacking layer read
+ARTIFACTS = (".json", ".yaml", ".csv", ".parquet")  # what drivers and trials pull: no checkpoints, no caches
 FOLD_FILES = ("weights.pt", "oof.parquet", "last.pt", "metrics.json")  # push order: metrics.json last
 
 
 def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
+
+
+def join(location: str | os.PathLike, name: str) -> str | Path:
+    """`location`/`name` for a directory or a URI (a URI's query, e.g. ?endpoint_override=..., stays last)."""
+    if not is_uri(location):
+        return Path(location) / name
+    parts = urlsplit(str(location))
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+
+
+def split(location: str | os.PathLike) -> tuple[str, str]:
+    """(parent, name): the inverse of `join`, for the command that resumes a run."""
+    if not is_uri(location):
+        return str(Path(location).parent), Path(location).name
+    parts = urlsplit(str(location))
+    parent, name = parts.path.rstrip("/").rsplit("/", 1)
+    return urlunsplit(parts._replace(path=parent)), name
 
 
 def mirror_root() -> Path:
@@ -40,12 +65,12 @@ def mirror_root() -> Path:
 
 
 class RunStore:
-    """A run at `uri` and its local mirror directory on this node."""
+    """A run at `uri` and a local directory that mirrors part of it: this node's mirror unless `local` is given."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, local: Path | None = None):
         from pyarrow import fs
 
-        self.uri = uri.rstrip("/")
+        self.uri = str(uri).rstrip("/")
         try:
             self.fs, self.base = fs.FileSystem.from_uri(self.uri)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with its own message
@@ -53,8 +78,9 @@ class RunStore:
 
             raise UserError(f"storage {uri}: pyarrow cannot open it ({exc}). Use a directory, or a URI such as "
                             "s3://bucket/runs, gs://bucket/runs or file:///shared/runs.") from exc
+        self.base = self.base.rstrip("/")
         digest = hashlib.sha1(self.uri.encode()).hexdigest()[:10]
-        self.local = mirror_root() / f"{Path(self.base).name or 'run'}-{digest}"
+        self.local = local or mirror_root() / f"{Path(self.base).name or 'run'}-{digest}"
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r} <-> {str(self.local)!r})"
@@ -62,20 +88,32 @@ class RunStore:
     def _remote(self, rel: str) -> str:
         return f"{self.base}/{rel}".rstrip("/") if rel else self.base
 
+    def exists(self, rel: str) -> bool:
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self._remote(rel)).type != fs.FileType.NotFound
+
     # ----------------------------------------------------------------- pull
 
-    def pull(self, rel: str = "", *, exclude: tuple[str, ...] = ()) -> bool:
-        """Copy the file or directory `rel` from the URI into the mirror; False if the URI has none.
+    def pull(self, rel: str = "", *, only: tuple[str, ...] | None = None, exact: bool = False) -> bool:
+        """Copy the file or directory `rel` from the URI into the local directory; False if the URI has none.
 
-        Files whose name ends with one of `exclude` are left out. Files whose size and
-        modification time match the mirror's copy are not copied again, so polling a
-        directory costs one listing."""
+        `only`: file name endings to copy (e.g. ARTIFACTS). Files whose size and
+        modification time match the local copy are not copied again, so polling
+        costs one listing. `exact`: also delete local files under `rel` that the
+        URI does not have (a fold directory before training continues from it)."""
         files = self._list(rel)
+        if exact:
+            keep = {Path(f.path).relative_to(self.base) for f in files or []}
+            root = self.local / rel
+            for path in [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []:
+                if path.relative_to(self.local) not in keep:
+                    path.unlink()
         if files is None:
             return False
         for f in files:
             local = self.local / Path(f.path).relative_to(self.base)
-            if not f.path.endswith(tuple(exclude)) and not _same(local, f):
+            if (only is None or f.path.endswith(only)) and not _same(local, f):
                 self._download(f.path, local, f.mtime_ns)
         return True
 
@@ -99,39 +137,40 @@ class RunStore:
             if mtime_ns is not None:
                 os.utime(tmp, ns=(mtime_ns, mtime_ns))
 
+    def read_json(self, rel: str) -> dict | None:
+        """A JSON file at the URI, read into memory (nothing written locally); None if absent."""
+        import json
+
+        if not self.exists(rel):
+            return None
+        with self.fs.open_input_stream(self._remote(rel)) as src:
+            return json.loads(src.read())
+
     # ----------------------------------------------------------------- push
 
     def push(self, *rels: str) -> None:
-        """Upload mirror files (relative paths), in the order given, each atomically; missing ones are skipped."""
+        """Upload local files (relative paths), in the order given, each atomically; missing ones, and
+        ones the URI holds in this version already, are skipped."""
         for rel in rels:
             local = self.local / rel
-            if not local.is_file():
-                continue
             remote = self._remote(rel)
+            if not local.is_file() or _same(local, self.fs.get_file_info(remote)):
+                continue
             parent = remote.rsplit("/", 1)[0]
             self.fs.create_dir(parent, recursive=True)
             tmp = f"{parent}/.{Path(rel).name}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(local, "rb") as src, self.fs.open_output_stream(tmp) as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-            self.fs.move(tmp, remote)
-            # The mirror's copy now matches the URI's: a later pull does not fetch it back.
+            try:
+                with open(local, "rb") as src, self.fs.open_output_stream(tmp) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                self.fs.move(tmp, remote)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.delete_file(tmp)
+                raise
+            # The local copy is now the URI's version: a later pull does not fetch it back.
             mtime = self.fs.get_file_info(remote).mtime_ns
             if mtime is not None:
                 os.utime(local, ns=(mtime, mtime))
-
-    def clear_mirror(self) -> None:
-        """Forget this node's copy (it is only a cache of the URI)."""
-        shutil.rmtree(self.local, ignore_errors=True)
-
-    def push_changed(self, rel: str, *, exclude: tuple[str, ...] = ()) -> None:
-        """Upload every mirror file under `rel` that the URI lacks or holds in another version."""
-        local_root = self.local / rel
-        if not local_root.exists():
-            return
-        remote = {Path(f.path).relative_to(self.base).as_posix(): f for f in self._list(rel) or []}
-        changed = [p.relative_to(self.local).as_posix() for p in sorted(local_root.rglob("*"))
-                   if p.is_file() and not p.name.startswith(".") and not p.name.endswith(tuple(exclude))]
-        self.push(*(r for r in changed if r not in remote or not _same(self.local / r, remote[r])))
 
     def push_fold(self, model_id: str, fold: int) -> None:
         self.push(*(f"models/{model_id}/fold{fold}/{name}" for name in FOLD_FILES))
@@ -143,16 +182,30 @@ class RunStore:
 
 
 def _same(local: Path, remote) -> bool:
-    """The mirror's file is the URI's version (same size, and the mtime pull/push gave it)."""
+    """The local file is the URI's version (same size, and the mtime pull/push gave it)."""
     if not local.exists() or remote.mtime_ns is None:
         return False
     stat = local.stat()
     return stat.st_size == remote.size and stat.st_mtime_ns == remote.mtime_ns
 
 
-def open_run(location: str | os.PathLike) -> tuple[Path, RunStore | None]:
-    """(local run directory, store): the directory itself, or a URI's mirror and its store."""
-    if is_uri(location):
-        store = RunStore(str(location))
-        return store.local, store
-    return Path(location), None
+@contextlib.contextmanager
+def open_run(location: str | os.PathLike) -> Iterator[tuple[Path, RunStore | None]]:
+    """(local run directory, store) for a driver: the directory itself, or for a URI a private scratch
+    directory (removed afterwards) and the store that fills it; pull what you read, push what you write."""
+    if not is_uri(location):
+        yield Path(location), None
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="ensemble-run-"))
+    try:
+        store = RunStore(str(location), local=scratch)
+        try:
+            store.exists("")
+        except OSError as exc:  # no such bucket, no credentials, no network
+            from ensemble.errors import UserError
+
+            raise UserError(f"storage {location}: {exc}. Check the bucket name and the credentials "
+                            "(environment variables, instance role, or the URI's options).") from exc
+        yield scratch, store
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -156,6 +156,9 @@ class FoldTrainer:
         self.model.load_state_dict(state["model"])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.skipped_ids = set(state["skipped_ids"])
+        if (read_metrics(self.run_dir, self.config["model_id"], self.fold) or {}).get("epochs", -1) < self.epoch:
+            # A crash between last.pt and metrics.json: make metrics.json tell the epoch the checkpoint holds.
+            self._write_metrics(complete=self.epoch >= total_epochs(self.config))
         if self.epoch < total_epochs(self.config):
             index, stage, _ = stage_of(self.config, self.epoch)
             self._enter_stage(index, stage)
@@ -274,7 +277,8 @@ def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int,
     model, data and worker process stay warm between epochs. `after_epoch` runs
     once each epoch's files are written (URI storage uploads them)."""
     trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
-    trainer.restore()
+    if trainer.restore() and after_epoch:
+        after_epoch()  # the restored epoch's files, e.g. a metrics.json that lagged behind last.pt
     while trainer.epoch < epoch:
         trainer.train_epoch()
         if after_epoch:

@@ -9,9 +9,10 @@ the trial reports epoch e to Tune once every fold has finished epoch e, with the
 folds' mean metric. ASHA and early stopping therefore decide per param set; when
 they stop a model, its fold tasks are cancelled together.
 
-With URI storage, trial and fold tasks work in their node's mirror of the run and
-copy files to and from the URI (`ensemble.storage`): a fold pushes its files
-after every epoch, the trial pulls the folds' metrics.json while it waits.
+With URI storage (`ensemble.storage`) a fold task works in its node's mirror:
+it makes its fold directory equal to the URI's, then pushes its files after
+every epoch. The trial works in a private scratch directory: it pulls the
+folds' metrics.json while it waits and pushes what it writes at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from ensemble.artifacts import STATUS_FILE, finalize_model, mark_complete, read_metrics, total_epochs
 from ensemble.io import write_json
-from ensemble.storage import CHECKPOINTS, RunStore
+from ensemble.storage import ARTIFACTS, RunStore, open_run
 
 POLL_SECONDS = 0.5
 
@@ -37,7 +38,7 @@ def _fold_task(config: dict, fold: int, run_dir: str, epochs: int, storage: str 
         store = RunStore(storage)
         run_dir = store.local
         store.pull("folds.csv")
-        store.pull(f"models/{config['model_id']}/fold{fold}")
+        store.pull(f"models/{config['model_id']}/fold{fold}", exact=True)  # never a stale local checkpoint
         after_epoch = lambda: store.push_fold(config["model_id"], fold)  # noqa: E731
     return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1),
                        after_epoch=after_epoch)
@@ -92,15 +93,18 @@ def fold_task(resources: dict):
 
 def run_model(tune_config: dict) -> None:
     """The Tune trainable: train every fold of one model, report the folds' mean metric per epoch."""
+    with open_run(tune_config.get("storage") or tune_config["run_dir"]) as (run_dir, store):
+        if store:
+            store.pull("folds.csv")
+            store.pull(f"models/{tune_config['model_id']}", only=ARTIFACTS)
+        _train_model(tune_config, run_dir, store)
+
+
+def _train_model(tune_config: dict, run_dir: Path, store: RunStore | None) -> None:
     import ray
     from ray import tune
 
-    store = RunStore(tune_config["storage"]) if tune_config.get("storage") else None
-    run_dir = store.local if store else Path(tune_config["run_dir"])
     model_id = tune_config["model_id"]
-    if store:
-        store.pull("folds.csv")
-        store.pull(f"models/{model_id}", exclude=CHECKPOINTS)
     config = json.loads((run_dir / "models" / model_id / "config.json").read_text())
     # Resources come from this launch, not config.json: a resumed sweep may run on other hardware.
     config["resources"] = tune_config["resources"]
@@ -125,12 +129,12 @@ def run_model(tune_config: dict) -> None:
             stop = bool(patience) and since_best >= patience and epoch < epochs
             if stop or epoch == epochs:
                 if stop:
-                    _cancel(pending)
+                    _cancel(pending, wait=30.0)  # the folds' last writes land before they are marked complete
                 else:  # let the tasks return normally: a warm worker is worth keeping
                     ray.get(list(pending.values()))
                     pending.clear()
                 if store:
-                    store.pull(f"models/{model_id}", exclude=CHECKPOINTS)  # the folds' oof.parquet
+                    store.pull(f"models/{model_id}", only=ARTIFACTS)  # the folds' oof.parquet
                 for fold in range(k):
                     mark_complete(run_dir, config["model_id"], fold,
                                   stopped=f"early stop after epoch {epoch}" if stop else None)
@@ -165,13 +169,17 @@ def _wait_for_epoch(run_dir: Path, model_id: str, k: int, epoch: int, pending: d
             del pending[fold]  # finished: its metrics.json holds every epoch
 
 
-def _cancel(pending: dict) -> None:
+def _cancel(pending: dict, wait: float = 0.0) -> None:
+    """Cancel the fold tasks; with `wait`, give them that many seconds to end."""
     import ray
 
-    for ref in pending.values():
+    refs = list(pending.values())
+    for ref in refs:
         # Not force: the task gets a KeyboardInterrupt and its worker process survives, warm.
         # Checkpoints are written atomically, so an interrupted save leaves the last good one.
         ray.cancel(ref)
+    if refs and wait:
+        ray.wait(refs, num_returns=len(refs), timeout=wait)
     pending.clear()
 
 
@@ -182,7 +190,8 @@ def pruned_callback(run_dir: Path, store: RunStore | None = None):
     class MarkPruned(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             model_dir = run_dir / "models" / trial.config["model_id"]
-            if not (model_dir / "oof.parquet").exists():
+            rel = f"models/{trial.config['model_id']}/oof.parquet"
+            if not (store.exists(rel) if store else (model_dir / "oof.parquet").exists()):
                 write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
                            model_dir / STATUS_FILE)
                 if store:

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble import datasets, folds as folds_mod, spaces
+from ensemble import datasets, folds as folds_mod, spaces, storage
 from ensemble.artifacts import model_state, read_metrics, total_epochs
 from ensemble.data import Target, read_manifest, resolve_target
 from ensemble.errors import RunFailed, UserError, cli_main
 from ensemble.io import write_csv, write_json
-from ensemble.storage import CHECKPOINTS, open_run
+from ensemble.storage import ARTIFACTS, open_run
 from ensemble.trial import pruned_callback, run_model, warm_up_workers
 
 
@@ -178,66 +178,69 @@ def concurrency(slots: int, k: int) -> int:
 def run_sweep(space: spaces.Space, run: str | Path, *, resume: bool = False, smoke: bool = False,
               max_concurrent: int | None = None, address: str | None = None, verbose: int = 1) -> pd.DataFrame:
     """Launch (or resume) a sweep in `run` (a directory or a URI) and return its leaderboard."""
+    with open_run(run) as (run_dir, store):
+        run_dir = run_dir.resolve()
+        if store:
+            store.pull(only=ARTIFACTS)
+        configs = prepare_run(space, run_dir, resume=resume, smoke=smoke)
+        if store:
+            store.push("space.yaml", "folds.csv", *(f"models/{c['model_id']}/config.json" for c in configs))
+        states = {c["model_id"]: model_state(run_dir, c) for c in configs}
+        todo = [c["model_id"] for c in configs if states[c["model_id"]] == "todo"]
+        for state in ("complete", "pruned"):
+            skipped = [m for m, s in states.items() if s == state]
+            if skipped:
+                print(f"{len(skipped)} model(s) already {state}, not run again: {', '.join(skipped)}")
+        if todo:
+            errors = _tune(space, configs, todo, run_dir, store, max_concurrent, address, verbose)
+            if store:
+                store.pull(only=ARTIFACTS)  # what the trials wrote, for the leaderboard
+            if errors:
+                parent, name = storage.split(run)
+                resume_cmd = f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
+                raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
+                                  + f". Fix the cause, then resume with: {resume_cmd}")
+        return leaderboard(run_dir, configs)
+
+
+def _tune(space, configs: list[dict], todo: list[str], run_dir: Path, store, max_concurrent, address,
+          verbose: int) -> list[str]:
+    """One Ray Tune run over the models still to train; returns an error line per model that failed."""
     import ray
     from ray import tune
 
-    run_dir, store = open_run(run)
-    run_dir = run_dir.resolve()
-    if store:
-        if not store.pull("space.yaml"):  # no run at the URI: a mirror left by an earlier one must not pose as it
-            store.clear_mirror()
-        store.pull(exclude=CHECKPOINTS)
-    configs = prepare_run(space, run_dir, resume=resume, smoke=smoke)
-    if store:
-        store.push("space.yaml", "folds.csv", *(f"models/{c['model_id']}/config.json" for c in configs))
-    states = {c["model_id"]: model_state(run_dir, c) for c in configs}
-    todo = [c["model_id"] for c in configs if states[c["model_id"]] == "todo"]
-    for state in ("complete", "pruned"):
-        skipped = [m for m, s in states.items() if s == state]
-        if skipped:
-            print(f"{len(skipped)} model(s) already {state}, not run again: {', '.join(skipped)}")
-    if todo:
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            # A fresh local cluster unless told otherwise: never join a stray one by accident.
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     log_to_driver=verbose > 1)
-        raw = space.raw
-        slots = fold_slots(ray.cluster_resources(), raw["resources"])
-        limit = max_concurrent or raw.get("max_concurrent") or concurrency(slots, raw["folds"]["k"])
-        warm_up_workers(raw["resources"], slots)
-        scheduler = None
-        if (raw.get("scheduler") or {}).get("type", "none") == "asha":
-            sched = raw["scheduler"]
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="epoch", max_t=total_epochs(configs[0]), grace_period=sched.get("grace_period", 1),
-                reduction_factor=sched.get("reduction_factor", 2))
-        attempt = len(list((run_dir / "tune").glob("attempt-*"))) + 1 if (run_dir / "tune").exists() else 1
-        tuner = tune.Tuner(
-            # The trial only waits on its folds: it holds no CPU (a token byte of memory, since Tune
-            # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
-            tune.with_resources(run_model, {"memory": 1}),
-            param_space={"run_dir": str(run_dir), "storage": store and store.uri,
-                         "early_stopping": raw.get("early_stopping"),
-                         "resources": dict(raw["resources"]), "model_id": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,
-                                        max_concurrent_trials=limit, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=f"attempt-{attempt}", storage_path=str(run_dir / "tune"), verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=raw.get("max_failures", 2)),
-                callbacks=[pruned_callback(run_dir, store)]),
-        )
-        results = tuner.fit()
-        if store:
-            store.pull(exclude=CHECKPOINTS)  # what the trials wrote, for the leaderboard
-        errors = [r for r in results if r.error]
-        if errors:
-            parent, name = str(store.uri if store else run_dir).rsplit("/", 1)
-            resume_cmd = f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
-            raise SweepFailed(f"{len(errors)} model(s) failed after retries: "
-                              + "; ".join(f"{r.config['model_id']}: {str(r.error).splitlines()[-1][:300]}" for r in errors)
-                              + f". Fix the cause, then resume with: {resume_cmd}")
-    return leaderboard(run_dir, configs)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # A fresh local cluster unless told otherwise: never join a stray one by accident.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=verbose > 1)
+    raw = space.raw
+    slots = fold_slots(ray.cluster_resources(), raw["resources"])
+    limit = max_concurrent or raw.get("max_concurrent") or concurrency(slots, raw["folds"]["k"])
+    warm_up_workers(raw["resources"], slots)
+    scheduler = None
+    if (raw.get("scheduler") or {}).get("type", "none") == "asha":
+        sched = raw["scheduler"]
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", max_t=total_epochs(configs[0]), grace_period=sched.get("grace_period", 1),
+            reduction_factor=sched.get("reduction_factor", 2))
+    attempt = len(list((run_dir / "tune").glob("attempt-*"))) + 1 if (run_dir / "tune").exists() else 1
+    tuner = tune.Tuner(
+        # The trial only waits on its folds: it holds no CPU (a token byte of memory, since Tune
+        # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
+        tune.with_resources(run_model, {"memory": 1}),
+        param_space={"run_dir": str(run_dir), "storage": store and store.uri,
+                     "early_stopping": raw.get("early_stopping"),
+                     "resources": dict(raw["resources"]), "model_id": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(metric=raw["metric"], mode=raw["mode"], scheduler=scheduler,
+                                    max_concurrent_trials=limit, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"attempt-{attempt}", storage_path=str(run_dir / "tune"), verbose=verbose,
+            failure_config=tune.FailureConfig(max_failures=raw.get("max_failures", 2)),
+            callbacks=[pruned_callback(run_dir, store)]),
+    )
+    results = tuner.fit()
+    return [f"{r.config['model_id']}: {str(r.error).splitlines()[-1][:300]}" for r in results if r.error]
 
 
 class SweepFailed(RunFailed):
@@ -294,7 +297,7 @@ def main(argv=None) -> int:
     if args.gpus_per_trial is not None:
         space = spaces.with_resources(space, gpu=args.gpus_per_trial)
     name = args.name or (space.name + ("-smoke" if args.smoke else ""))
-    run = f"{args.storage.rstrip('/')}/{name}" if "://" in args.storage else Path(args.storage) / name
+    run = storage.join(args.storage, name)
     start = time.perf_counter()
     board = run_sweep(space, run, resume=args.resume, smoke=args.smoke,
                       max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose)

@@ -221,7 +221,6 @@ def test_predict_submission_and_stack_on_a_uri_run(pristine, tmp_path, actors, m
     assert sorted(summary["predicted"]) == model_ids(remote)
     for model_id in model_ids(remote):
         assert all((remote / "models" / model_id / f).is_file() for f in OUTPUTS)
-    assert list((tmp_path / "mirror").rglob("last.pt")) == [] and list((tmp_path / "mirror").rglob("weights.pt"))
     assert predict.main(["--run", uri, "--submission", "--gpus-per-actor", "0", "--no-progress"]) == 0
     assert "skipped" in capsys.readouterr().out  # complete at the URI: nothing predicted again
     assert all((remote / "models" / m / "submission.csv").is_file() for m in model_ids(remote))
@@ -230,19 +229,24 @@ def test_predict_submission_and_stack_on_a_uri_run(pristine, tmp_path, actors, m
     assert (remote / "ensemble" / "submission.csv").is_file()
 
 
-def test_an_actor_on_another_node_pulls_its_weights_from_the_uri(pristine, tmp_path, monkeypatch):
-    """The job names the driver's mirror path; a node without it pulls the file into its own mirror."""
+def test_an_actor_pulls_its_weights_from_the_uri_into_its_node_mirror(pristine, tmp_path, monkeypatch):
+    """A job of a URI run names paths inside the run; the actor resolves them in its node's mirror and
+    replaces a stale copy there (a fold retrained since) with the URI's version."""
     from ensemble.storage import RunStore
 
     uri = pristine.as_uri()
     plans, _ = predict.plan_run(pristine)
     job = dict(plans[0].jobs[1, "oof"])
     rel = Path(job["weights"]).relative_to(pristine).as_posix()
-    job.update(weights=str(tmp_path / "driver-mirror" / rel), storage=uri, weights_rel=rel)
+    job.update(weights=rel, cache=None, storage=uri)
     monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "node2"))
+    stale = RunStore(uri).local / rel
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older checkpoint")
     actor = predict.Predictor(cpus=1)
-    model = actor._model(job)
-    assert (RunStore(uri).local / rel).is_file() and actor.loads == 1
+    local = actor._localize(job)
+    assert local["weights"] == str(stale) and local["storage"] is None
+    model = actor._model(local)
     import torch
 
     expected = torch.load(pristine / rel, weights_only=True)

@@ -1,13 +1,22 @@
-"""Runs at a URI: the mirror's pull/push rules, on file:// URIs (pyarrow's LocalFileSystem)."""
+"""Runs at a URI: the rules of ensemble.storage, on file:// URIs (pyarrow's LocalFileSystem) and one
+unreachable s3:// endpoint (pyarrow's real S3 client, refused connection)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from ensemble import storage
 from ensemble.errors import UserError
-from ensemble.storage import CHECKPOINTS, RunStore, open_run
+from ensemble.storage import ARTIFACTS, RunStore, open_run
+
+REPO = Path(__file__).resolve().parents[1]
+UNREACHABLE_S3 = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
 
 
 @pytest.fixture
@@ -16,64 +25,92 @@ def store(tmp_path, monkeypatch):
     return RunStore((tmp_path / "bucket" / "run").as_uri())
 
 
-def write(path, text):
+def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return path
 
 
-def test_mirror_is_under_the_cache_dir_and_differs_per_uri(store, tmp_path):
+def files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_join_and_split_keep_a_uri_query_last():
+    assert storage.join(UNREACHABLE_S3, "demo") == \
+        "s3://bucket/runs/demo?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert storage.split(storage.join(UNREACHABLE_S3, "demo")) == (UNREACHABLE_S3, "demo")
+    assert storage.join("runs", "demo") == Path("runs/demo") and storage.split("runs/demo") == ("runs", "demo")
+    assert storage.join("file:///srv/runs/", "x") == "file:///srv/runs/x"
+
+
+def test_node_mirror_is_under_the_cache_dir_and_differs_per_uri(store, tmp_path):
     assert store.local.parent == tmp_path / "cache" / "runs" and store.local.name.startswith("run-")
     assert RunStore((tmp_path / "bucket" / "other").as_uri()).local != store.local
-    assert open_run(tmp_path / "plain") == (tmp_path / "plain", None)
-    assert open_run(store.uri)[0] == store.local
 
 
-def test_push_then_pull_into_an_empty_mirror(store, tmp_path):
+def test_open_run_gives_a_private_scratch_dir_and_removes_it(store, tmp_path):
+    with open_run(tmp_path / "plain") as (run_dir, none):
+        assert (run_dir, none) == (tmp_path / "plain", None)
+    with open_run(store.uri) as (run_dir, scratch):
+        assert scratch.uri == store.uri and run_dir == scratch.local != store.local and run_dir.is_dir()
+    assert not run_dir.exists()
+
+
+def test_push_then_pull_artifacts_only(store, tmp_path):
     remote = tmp_path / "bucket" / "run"
     write(store.local / "folds.csv", "id,fold\n")
     for name in ("weights.pt", "last.pt", "metrics.json", "oof.parquet"):
         write(store.local / "models/m/fold0" / name, name)
+    write(store.local / "cache/decoded.npy", "pixels")
     store.push("folds.csv", "missing.json")  # a missing file is skipped
     store.push_fold("m", 0)
-    assert (remote / "folds.csv").read_text() == "id,fold\n"
-    assert sorted(p.name for p in (remote / "models/m/fold0").iterdir()) == \
-        ["last.pt", "metrics.json", "oof.parquet", "weights.pt"]  # no temporary file left behind
-    store.clear_mirror()
-    assert not store.local.exists()
-    assert store.pull(exclude=CHECKPOINTS)
-    assert sorted(p.relative_to(store.local).as_posix() for p in store.local.rglob("*") if p.is_file()) == \
-        ["folds.csv", "models/m/fold0/metrics.json", "models/m/fold0/oof.parquet"]
-    assert store.pull("models/m/fold0/last.pt") and (store.local / "models/m/fold0/last.pt").read_text() == "last.pt"
-    assert not store.pull("models/other")
+    assert files(remote) == ["folds.csv", "models/m/fold0/last.pt", "models/m/fold0/metrics.json",
+                             "models/m/fold0/oof.parquet", "models/m/fold0/weights.pt"]  # no .tmp left behind
+    with open_run(store.uri) as (run_dir, scratch):
+        assert scratch.pull(only=ARTIFACTS)
+        assert files(run_dir) == ["folds.csv", "models/m/fold0/metrics.json", "models/m/fold0/oof.parquet"]
+        assert scratch.pull("models/m/fold0/last.pt") and (run_dir / "models/m/fold0/last.pt").read_text() == "last.pt"
+        assert not scratch.pull("models/other")
 
 
-def test_pull_copies_only_changed_files(store, tmp_path):
+def test_pull_copies_changed_files_only_and_push_skips_current_ones(store, tmp_path):
     remote = tmp_path / "bucket" / "run" / "models/m/fold0/metrics.json"
-    write(store.local / "models/m/fold0/metrics.json", '{"epochs": 1}')
+    local = write(store.local / "models/m/fold0/metrics.json", '{"epochs": 1}')
     store.push("models/m/fold0/metrics.json")
-    local = store.local / "models/m/fold0/metrics.json"
     stamp = local.stat().st_mtime_ns
     store.pull("models/m")
-    assert local.stat().st_mtime_ns == stamp  # same version: not downloaded again
-    remote.write_text('{"epochs": 2}')  # another node pushed a newer epoch
+    assert local.stat().st_mtime_ns == stamp  # the same version: not downloaded again
+    before = remote.stat().st_ino
+    store.push("models/m/fold0/metrics.json")  # the URI holds this version: nothing uploaded
+    assert remote.stat().st_ino == before
+    remote.write_text('{"epochs": 22}')  # another node pushed a newer epoch
     store.pull("models/m")
-    assert local.read_text() == '{"epochs": 2}'
+    assert json.loads(local.read_text()) == {"epochs": 22} == store.read_json("models/m/fold0/metrics.json")
 
 
-def test_push_changed_uploads_new_and_modified_files_only(store, tmp_path):
-    write(store.local / "ensemble/scores.csv", "a")
-    write(store.local / "ensemble/meta/lgbm.txt", "b")
-    store.push_changed("ensemble")
-    remote = tmp_path / "bucket" / "run" / "ensemble"
-    assert (remote / "meta/lgbm.txt").read_text() == "b"
-    os.utime(remote / "scores.csv", ns=(1, 1))  # a marker: re-uploading would reset it
-    store.pull("ensemble")  # the mirror takes the URI's stamp
-    write(store.local / "ensemble/meta/lgbm.txt", "changed")
-    store.push_changed("ensemble")
-    assert (remote / "meta/lgbm.txt").read_text() == "changed"
-    assert (remote / "scores.csv").stat().st_mtime_ns == 1
+def test_exact_pull_deletes_local_files_the_uri_does_not_have(store, tmp_path):
+    """A fold directory left in a node's mirror by an earlier run at the same URI must not be resumed from."""
+    stale = write(store.local / "models/m/fold0/last.pt", "old run")
+    write(store.local / "models/m/fold1/last.pt", "other fold")
+    assert not store.pull("models/m/fold0", exact=True)
+    assert not stale.exists() and (store.local / "models/m/fold1/last.pt").exists()
+    write(tmp_path / "bucket/run/models/m/fold0/metrics.json", "{}")
+    write(store.local / "models/m/fold0/last.pt", "crashed before its push")
+    assert store.pull("models/m/fold0", exact=True)
+    assert files(store.local / "models/m/fold0") == ["metrics.json"]
 
 
-def test_unopenable_uri(tmp_path):
+def test_unopenable_uri():
     with pytest.raises(UserError, match="nosuch://bucket/run.*pyarrow cannot open it"):
         RunStore("nosuch://bucket/run")
+
+
+def test_unreachable_storage_is_a_clear_error_with_exit_2(tmp_path):
+    """pyarrow's real S3 client against a closed port: one line naming the URI and what to check."""
+    space = write(tmp_path / "space.yaml", "data: {manifest: demo:multiclass}\nbackbones: [test_resnet]\n"
+                  "params: {image_size: 32}\nepochs: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(space), "--storage", UNREACHABLE_S3,
+                           "--name", "x"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "s3://bucket/runs/x?endpoint_override" in proc.stderr and "credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -275,7 +275,9 @@ def test_two_node_cluster_with_uri_storage(tmp_path, demo_dir):
             for name in ("last.pt", "weights.pt", "oof.parquet", "metrics.json"):
                 assert (remote / "models" / model_id / f"fold{k}" / name).is_file()
             assert list((mirrors["gpu"] / "runs").glob(f"two-*/models/{model_id}/fold{k}/last.pt"))
-        assert list((mirrors["head"] / "runs").rglob("last.pt")) == []  # the driver never fetches checkpoints
+        # Driver and trials work in scratch directories they remove; only fold tasks keep a mirror.
+        assert list(mirrors["head"].rglob("*.pt")) == []
+        assert not (remote / "models" / model_id / "status.json").exists()  # complete, not marked pruned
         oof_remote = pd.read_parquet(remote / "models" / model_id / "oof.parquet")
         assert len(oof_remote) == len(pd.read_csv(remote / "folds.csv"))
         # Another machine (an empty mirror) resumes from the URI alone: nothing to train.
@@ -300,13 +302,17 @@ def test_fold_resumes_from_a_uri_checkpoint_in_an_empty_mirror(tmp_path, demo_di
     tune.prepare_run(space, RunStore(uri).local, resume=False, smoke=False)
     RunStore(uri).push("folds.csv")
     _fold_task(config, 0, "unused", 1, uri)  # a crash after epoch 1 ...
+    remote = tmp_path / "bucket" / "run"
+    first = read_metrics(remote, config["model_id"], 0)["history"]
     shutil.rmtree(tmp_path / "machine-a")
     monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "machine-b"))
+    stale = RunStore(uri).local / "models" / config["model_id"] / "fold0" / "last.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"a checkpoint left by an earlier run at this URI")  # replaced, not loaded
     row = _fold_task(config, 0, "unused", 2, uri)  # ... continues elsewhere at epoch 2
     assert row["epoch"] == 2 and straight.epochs == 2
-    remote = tmp_path / "bucket" / "run"
     history = read_metrics(remote, config["model_id"], 0)["history"]
-    assert [r["epoch"] for r in history] == [1, 2]
+    assert [r["epoch"] for r in history] == [1, 2] and history[:1] == first  # epoch 1 came from the URI
     a = pd.read_parquet(tmp_path / "straight" / "models" / config["model_id"] / "fold0" / "oof.parquet")
     b = pd.read_parquet(remote / "models" / config["model_id"] / "fold0" / "oof.parquet")
     pd.testing.assert_frame_equal(a, b)
