@@ -80,6 +80,23 @@ def test_fold_resumed_from_checkpoint_equals_uninterrupted(tmp_path, demo_dir):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+def test_a_metrics_file_lagging_behind_last_pt_is_rewritten_on_restore(tmp_path, demo_dir):
+    """A crash between saving last.pt and metrics.json: the fold resumes at the checkpoint's epoch and its
+    metrics.json catches up, even when no epoch is left to train (else the trial would wait forever)."""
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
+    config = tune.prepare_run(space, tmp_path / "run", resume=False, smoke=False)[0]
+    train_until(config, 0, tmp_path / "run", 1)
+    path = tmp_path / "run" / "models" / config["model_id"] / "fold0" / "metrics.json"
+    lagging = path.read_text()
+    train_until(config, 0, tmp_path / "run", 2)
+    done = json.loads(path.read_text())
+    path.write_text(lagging)  # last.pt says 2 epochs, metrics.json says 1
+    pushed = []
+    row = train_until(config, 0, tmp_path / "run", 2, after_epoch=lambda: pushed.append(1))
+    assert row["epoch"] == 2 and pushed == [1]  # restored, nothing trained, the caught-up files pushed
+    assert json.loads(path.read_text()) == done
+
+
 # --------------------------------------------------------------------------- sweeps on the session cluster
 
 
