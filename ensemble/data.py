@@ -16,6 +16,7 @@ no target. `read_manifest` validates everything up front and raises one
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,7 @@ def read_manifest(
     classes: list[str] | None = None,
     require_target: bool = True,
     check_images: str = "decode",
+    on_bad_image: str = "raise",
 ) -> Manifest:
     """Read and validate a manifest; raise one UserError naming the rows at fault.
 
@@ -174,6 +176,8 @@ def read_manifest(
         classes: the allowed class names (e.g. from a space file); default: inferred.
         require_target: False for test manifests (id + image only).
         check_images: "decode" (every image must decode), "exists" or "none".
+        on_bad_image: "raise": an image that does not decode is an error; "skip": a note on
+            stderr names them, and training leaves them out (the space's data.on_bad_image).
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
@@ -192,7 +196,7 @@ def read_manifest(
                    "give every row a group (subject/driver) or drop the column")
     if target is not None:
         classes = check_targets(frame, target, classes, path)
-    _check_image_paths(frame, root, path, check_images)
+    _check_image_paths(frame, root, path, check_images, on_bad_image)
     return Manifest(path=path, root=root, frame=frame, target=target, classes=list(classes or []))
 
 
@@ -245,7 +249,7 @@ def check_targets(frame: pd.DataFrame, target: Target, classes: list[str] | None
     return classes
 
 
-def _check_image_paths(frame: pd.DataFrame, root: Path, path: Path, check_images: str) -> None:
+def _check_image_paths(frame: pd.DataFrame, root: Path, path: Path, check_images: str, on_bad_image: str) -> None:
     if check_images not in ("decode", "exists", "none"):
         raise UserError(f"The 'check_images' parameter must be one of ['decode', 'exists', 'none']. Got {check_images!r} instead.")
     if check_images == "none":
@@ -261,8 +265,14 @@ def _check_image_paths(frame: pd.DataFrame, root: Path, path: Path, check_images
         # cv2 releases the GIL while decoding, so threads give a real speed-up.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             bad = list(pool.map(lambda p: _imread(p) is None, resolved))
+        if on_bad_image == "skip" and any(bad):
+            rows = np.flatnonzero(bad) + 1
+            print(f"note: {path}: an unreadable or corrupt image at {format_rows(rows)} "
+                  f"(ids {frame['id'].iloc[rows[:5] - 1].tolist()}); on_bad_image: skip leaves them out of training, "
+                  "and their predictions are the class prior", file=sys.stderr)
+            return
         _fail_rows(bad, path, "an unreadable or corrupt image",
-                   "re-download or remove these files (or use on_bad_image: skip during training)")
+                   "re-download or remove these files (or set data.on_bad_image: skip)")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -185,7 +185,8 @@ def _base_job(config: dict, spec: str, merge: str, per_view: bool, n_views: int)
     return {"backbone": config["backbone"], "n_classes": len(config["classes"]), "dropout": params.get("dropout", 0.0),
             "drop_path": params.get("drop_path", 0.0), "task": config["task"], "image_size": params["image_size"],
             "tta": spec, "n_views": n_views, "merge": merge, "per_view": per_view, "amp": params.get("amp", True),
-            "mean": data["normalize"]["mean"], "std": data["normalize"]["std"]}
+            "mean": data["normalize"]["mean"], "std": data["normalize"]["std"],
+            "on_bad_image": data.get("on_bad_image", "raise")}
 
 
 def _manifests(config: dict, seen: dict):
@@ -323,19 +324,27 @@ class Predictor:
         job = self._localize(job) if job.get("storage") else job
         model, loader = self._model(job), self._loader(job, paths)
         loader.sampler.rows = range(start, stop)
-        chunks, seen = [], []
+        chunks, seen, skipped = [], [], []
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=job["amp"] and self.device.type == "cuda"):
-            for x, _, index, _ in loader:
+            for x, _, index, bad in loader:
+                skipped += bad  # unreadable images under on_bad_image: skip
+                if x is None:
+                    continue
                 n, v = x.shape[:2]  # N x V x 3 x S x S uint8: all views of the batch in one forward pass
                 x = normalize_batch(x.to(self.device, non_blocking=True).flatten(0, 1), job["mean"], job["std"])
                 chunks.append(model(x).float().view(n, v, -1).cpu().numpy())
                 seen.append(index.numpy())
-        assert np.array_equal(np.concatenate(seen), np.arange(start, stop)), "the loader lost or reordered rows"
-        logits = np.concatenate(chunks)
-        out = {"key": job["key"], "start": start, "loads": self.loads - loads,
-               "proba": merge_views(logits, job["task"], job["merge"]).astype(np.float32)}
+        rows = np.concatenate(seen or [np.zeros(0, int)])
+        assert np.array_equal(np.sort(np.concatenate([rows, skipped])), np.arange(start, stop)), \
+            "the loader lost rows"
+        logits = np.concatenate(chunks) if chunks else np.zeros((0, job["n_views"], job["n_classes"]), np.float32)
+        outputs = {"proba": merge_views(logits, job["task"], job["merge"])}
         if job["per_view"]:
-            out["views"] = activate(logits, job["task"]).astype(np.float32)
+            outputs["views"] = activate(logits, job["task"])
+        out = {"key": job["key"], "start": start, "loads": self.loads - loads}
+        for name, values in outputs.items():  # rows of skipped images stay NaN: write_outputs fills them
+            out[name] = np.full((stop - start, *values.shape[1:]), np.nan, np.float32)
+            out[name][rows - start] = values
         out["seconds"] = time.perf_counter() - began
         return out
 
@@ -364,10 +373,12 @@ class Predictor:
         torch = self._torch()
         from ensemble.loader import DecodedCache, ImageDataset, collate, loader_workers
 
-        key = (job["cache"] or tuple(paths), job["image_size"], job["preprocess"], job["tta"], job["batch"])
+        key = (job["cache"] or tuple(paths), job["image_size"], job["preprocess"], job["tta"], job["batch"],
+               job["on_bad_image"])
         if self.loader is None or self.loader[0] != key:
             cache = DecodedCache(job["cache"], len(paths), job["image_size"]) if job["cache"] else None
-            dataset = ImageDataset(paths, None, job["image_size"], preprocess=job["preprocess"], views=job["tta"], cache=cache)
+            dataset = ImageDataset(paths, None, job["image_size"], preprocess=job["preprocess"], views=job["tta"],
+                                   cache=cache, on_bad_image=job["on_bad_image"])
             # On a CPU the forward pass uses every thread of the actor's share: a decoding worker would only
             # compete with it (1 actor x 2 CPUs, scripts/bench_predict.py: 364 images/s with one, 467-485
             # without). On a GPU, workers decode while it computes.
@@ -575,11 +586,20 @@ def write_outputs(plan: ModelPlan, results: dict) -> dict[str, float]:
     config, classes, k = plan.config, plan.config["classes"], plan.config["k"]
     order = pd.Index([i for f in range(k) for i in plan.fold_ids[f]]).get_indexer(plan.oof["id"])
     oof_tta = plan.oof[["id", "fold"]].copy()
-    oof_tta[classes] = np.concatenate([results[f, "oof", "proba"] for f in range(k)])[order]
+    # Unreadable images (on_bad_image: skip) came back NaN: a held-out row keeps its training-time OOF
+    # value (itself the prior for an image that never decoded), a test row gets the model's mean OOF.
+    proba = np.concatenate([results[f, "oof", "proba"] for f in range(k)])[order]
+    unreadable = {"oof": int(np.isnan(proba).any(1).sum())}
+    oof_tta[classes] = np.where(np.isnan(proba), plan.oof[classes].to_numpy(), proba)
     files = {"oof_tta.parquet": oof_tta}
     if plan.test_ids is not None:  # the mean of the k fold models
-        test = pd.DataFrame(np.mean([results[f, "test", "proba"] for f in range(k)], axis=0, dtype=np.float64), columns=classes)
+        mean = np.mean([results[f, "test", "proba"] for f in range(k)], axis=0, dtype=np.float64)
+        unreadable["test"] = int(np.isnan(mean).any(1).sum())
+        mean = np.where(np.isnan(mean), plan.oof[classes].to_numpy().mean(0), mean)
+        test = pd.DataFrame(mean, columns=classes)
         files["test.parquet"] = pd.concat([pd.DataFrame({"id": plan.test_ids}), test.astype(np.float32)], axis=1)
+    if any(unreadable.values()):
+        print(f"{plan.model_id}: unreadable images filled in (on_bad_image: skip): {unreadable}")
     metric, task = METRICS[config["metric"]], config["task"]
     scores = {f"oof {metric.name}": metric(plan.y_true, plan.oof[classes].to_numpy(), task),
               f"oof_tta {metric.name}": metric(plan.y_true, oof_tta[classes].to_numpy(), task)}
@@ -587,15 +607,17 @@ def write_outputs(plan: ModelPlan, results: dict) -> dict[str, float]:
     names = view_names(job["tta"])
     if job["per_view"]:
         per_view = np.concatenate([results[f, "oof", "views"] for f in range(k)])[order]  # rows x V x C
+        per_view = np.where(np.isnan(per_view), oof_tta[classes].to_numpy()[:, None], per_view)
         scores.update({f"view {name}": metric(plan.y_true, per_view[:, v], task) for v, name in enumerate(names)})
         files["oof_views.parquet"] = _long(oof_tta[["id", "fold"]], per_view, names, classes)
         if plan.test_ids is not None:
             mean = np.mean([results[f, "test", "views"] for f in range(k)], axis=0, dtype=np.float64)
+            mean = np.where(np.isnan(mean), test.to_numpy()[:, None], mean)
             files["test_views.parquet"] = _long(pd.DataFrame({"id": plan.test_ids}), mean.astype(np.float32), names, classes)
     for name, frame in files.items():
         write_parquet(frame, plan.out_dir / name)
     write_json({"tta": job["tta"], "views": names, "merge": job["merge"], "forward_batch": job["batch"] * len(names),
-                "scores": scores}, plan.out_dir / "predict.json")
+                "scores": scores, "unreadable": unreadable}, plan.out_dir / "predict.json")
     return scores
 
 

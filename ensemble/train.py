@@ -262,6 +262,9 @@ class FoldTrainer:
     def _write_best(self, proba: np.ndarray) -> None:
         with atomic_path(self.dir / "weights.pt") as tmp:
             torch.save(self.model.state_dict(), tmp)
+        # Rows of unreadable images (on_bad_image: skip, listed in metrics.json): the training prior,
+        # so that every id keeps a prediction for the stacking layer.
+        proba = np.where(np.isnan(proba), self.y_train.mean(axis=0), proba)
         oof = pd.DataFrame(proba, columns=self.config["classes"])
         oof.insert(0, "fold", self.fold)
         oof.insert(0, "id", self.valid_ids)

@@ -75,7 +75,8 @@ def _read_training_manifest(space: spaces.Space):
                             maybe_weight=target_cfg.get("maybe_weight", 0.5), source=str(manifest_path))
     root = _data_path(data["root"], space) if data.get("root") else None
     manifest = read_manifest(manifest_path, root, target=target, classes=data.get("classes"),
-                             check_images=data.get("check_images", "decode"))
+                             check_images=data.get("check_images", "decode"),
+                             on_bad_image=data.get("on_bad_image", "raise"))
     return manifest, target
 
 

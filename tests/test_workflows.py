@@ -107,3 +107,52 @@ def test_fashionai_soft_labels_and_two_rounds(tmp_path, demo_dir, ray_cluster):
     stack.main(["--run", str(run), "--method", "greedy", "--metric", "accuracy", "--smoke"])
     scores = pd.read_csv(run / "ensemble" / "scores.csv")
     assert (scores["metric"] == "accuracy").all() and scores["cv_score"].between(0, 1).all()
+
+
+def test_unreadable_images_under_on_bad_image_skip(tmp_path, demo_dir, ray_cluster, capsys):
+    """A corrupt training image and a corrupt test image with on_bad_image: skip: the sweep names them and
+    trains without them, every id still gets a prediction (the class prior), and stacking runs."""
+    import shutil
+
+    train = pd.read_csv(demo_dir / "multiclass.csv").head(240)
+    test = pd.read_csv(demo_dir / "test.csv").head(40)
+    for image in pd.concat([train["image"], test["image"]]):
+        (tmp_path / "data" / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_dir / image, tmp_path / "data" / image)
+    bad_train, bad_test = train.iloc[7], test.iloc[3]
+    for image in (bad_train["image"], bad_test["image"]):
+        path = tmp_path / "data" / image
+        path.write_bytes(path.read_bytes()[:40])  # a truncated PNG
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test.to_csv(tmp_path / "test.csv", index=False)
+    run = sweep(tmp_path, {
+        "data": {"manifest": str(tmp_path / "train.csv"), "root": str(tmp_path / "data"),
+                 "test_manifest": str(tmp_path / "test.csv"), "on_bad_image": "skip", "augment": "shift:0.1",
+                 "tta": "orig,rotate:5", "normalize": {"mean": [0.1, 0.1, 0.1], "std": [0.3, 0.3, 0.3]}},
+        "folds": {"k": 3, "strategy": "stratified", "seed": 0}, "backbones": ["test_resnet"],
+        "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32}, "epochs": 1, "metric": "log_loss",
+        "resources": {"cpu": 1}})
+    err = capsys.readouterr().err
+    assert "unreadable or corrupt image at row 8 (1 row)" in err and str(bad_train["id"]) in err
+    model_dir = next((run / "models").glob("*/"))
+    config = json.loads((model_dir / "config.json").read_text())
+    classes = config["classes"]
+    skipped = [read_metrics(run, config["model_id"], k)["skipped_ids"] for k in range(3)]
+    assert all(s == [str(bad_train["id"])] for s in skipped)  # met as a training row or a held-out one
+    oof = pd.read_parquet(model_dir / "oof.parquet").set_index("id")
+    assert not oof[classes].isna().any().any()
+    folds = pd.read_csv(run / "folds.csv", dtype={"id": str}).set_index("id")
+    fold = oof.loc[str(bad_train["id"]), "fold"]
+    prior = pd.get_dummies(folds["label"][folds["fold"] != fold]).reindex(columns=classes, fill_value=0).mean()
+    np.testing.assert_allclose(oof.loc[str(bad_train["id"]), classes].to_numpy(float), prior.to_numpy(), atol=1e-6)
+
+    predict.predict_run(run, gpus_per_actor=0, progress=False)
+    assert json.loads((model_dir / "predict.json").read_text())["unreadable"] == {"oof": 1, "test": 1}
+    oof_tta = pd.read_parquet(model_dir / "oof_tta.parquet").set_index("id")
+    np.testing.assert_allclose(oof_tta.loc[str(bad_train["id"]), classes].to_numpy(float),
+                               oof.loc[str(bad_train["id"]), classes].to_numpy(float), atol=1e-6)
+    test_pred = pd.read_parquet(model_dir / "test.parquet").set_index("id")
+    assert len(test_pred) == 40 and not test_pred.isna().any().any()
+    np.testing.assert_allclose(test_pred.loc[str(bad_test["id"])].to_numpy(float),
+                               oof[classes].to_numpy(float).mean(0), atol=1e-6)
+    assert stack.main(["--run", str(run), "--method", "greedy", "--smoke"]) == 0
