@@ -45,6 +45,7 @@ MERGES = ("mean", "gmean", "logits")
 OUTPUT_FILES = ("oof_tta.parquet", "test.parquet", "oof_views.parquet", "test_views.parquet", "predict.json",
                 "submission.csv")
 CPU_FORWARD_BATCH = 32  # ENV.md: 32-64 images per forward is this CPU's sweet spot; bigger batches are slower
+ACTOR_RESTARTS = 2  # per actor; a third death ends the run (PredictFailed, exit 1; rerun to resume)
 SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 
 
@@ -280,7 +281,10 @@ def create_pool(n: int, cpus: float, gpus: float, timeout: float = 120.0) -> tup
     import ray
 
     # DEFAULT scheduling: never captured by a caller's placement group (e.g. a Tune trial's).
-    remote = ray.remote(Predictor).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT")
+    # An actor that dies (a killed process, a lost node) is restarted by Ray and its work item retried:
+    # predict() is a pure function of its arguments, and the model reloads on the next item.
+    remote = ray.remote(Predictor).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT",
+                                           max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     actors = [remote.remote(cpus) for _ in range(n)]
     refs = [a.info.remote() for a in actors]
     _, pending = ray.wait(refs, num_returns=n, timeout=timeout)
@@ -559,8 +563,8 @@ def _run_pool(actors: list, items: list, plans: list[ModelPlan], progress: bool,
                     raise UserError(str(exc.cause)) from None
                 raise
             except ray.exceptions.RayActorError as exc:
-                raise PredictFailed(f"a predictor actor died ({exc}); the models written so far are complete: rerun "
-                                    "the same command to predict the rest.") from None
+                raise PredictFailed(f"a predictor actor died more than {ACTOR_RESTARTS} times ({exc}); the models "
+                                    "written so far are complete: rerun the same command to predict the rest.") from None
             model_id, fold, split = res["key"]
             for name in ("proba", "views") if "views" in res else ("proba",):
                 rows = len(plan_of[model_id].paths[fold, split])

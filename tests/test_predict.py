@@ -254,6 +254,29 @@ def test_an_actor_pulls_its_weights_from_the_uri_into_its_node_mirror(pristine, 
         assert torch.equal(tensor.cpu(), expected[name].cpu()), name
 
 
+def test_a_killed_actor_is_restarted_and_its_work_retried(predicted, pristine, tmp_path, ray_cluster):
+    """SIGKILL a predictor's process just before the run: Ray restarts it, retries its items, and the
+    outputs equal those of the undisturbed run."""
+    import os
+    import signal
+
+    actors, infos = predict.create_pool(1, 0.5, 0)
+    try:
+        os.kill(infos[0]["pid"], signal.SIGKILL)
+        run = copy_run(pristine, tmp_path)
+        summary = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, shard_size=300, progress=False,
+                                      actors=actors)
+        assert sorted(summary["predicted"]) == model_ids(run)
+        assert ray_cluster.get(actors[0].info.remote())["pid"] != infos[0]["pid"]  # a new process
+        for model_id in model_ids(run):
+            pd.testing.assert_frame_equal(pd.read_parquet(run / "models" / model_id / "oof_tta.parquet"),
+                                          pd.read_parquet(predicted[0] / "models" / model_id / "oof_tta.parquet"),
+                                          check_exact=False, rtol=1e-5)
+    finally:
+        for a in actors:
+            ray_cluster.kill(a)
+
+
 def test_multilabel_submission_has_tags(tmp_path):
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
