@@ -83,6 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--no-per-fold", action="store_true", help="skip the one-trial-per-fold comparison")
+    parser.add_argument("--keep", help="keep the runs in this directory (each fold's metrics.json has per-epoch "
+                                       "start times and durations) [a temporary directory, removed]")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -91,7 +93,8 @@ def main(argv=None) -> None:
     from ensemble import spaces, tune
     from ensemble.train import train_fold
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sweep-"))
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         space = spaces.load_space(str(write_space(folder, args.rows, args.epochs, args.k, args.models)))
         # (b) the plain loop: the same trials one after another, 1 thread each like a 1-CPU trial.
@@ -111,7 +114,8 @@ def main(argv=None) -> None:
         per_fold = None if args.no_per_fold else time_per_fold_trials(space, folder / "per_fold")
         ray.shutdown()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     ideal = sum(single) / args.cpus
     print(f"{len(single)} trials (test_resnet, 32 px, {args.rows} rows, k={args.k}, {args.epochs} epochs), "
           f"{args.cpus} CPUs, 1 CPU per trial")
