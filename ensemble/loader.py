@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -118,6 +119,7 @@ class ImageDataset(torch.utils.data.Dataset):
         augment: str | None = None,
         views: str | None = None,
         cache: DecodedCache | None = None,
+        cache_rows: Sequence[int] | None = None,
         on_bad_image: str = "raise",
         seed: int = 0,
     ):
@@ -130,7 +132,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.augment = views_mod.create_augmentation(augment) if augment else None
         self.views = views_mod.parse_views(views) if views else None
         self.n_views = views_mod.count_views(views) if views else 1
-        self.cache, self.on_bad_image, self.seed = cache, on_bad_image, seed
+        # cache_rows[i]: the cache row of image i, when the cache holds a larger list (e.g. all of a
+        # sweep's images, shared by every fold); default: row i.
+        self.cache, self.cache_rows, self.on_bad_image, self.seed = cache, cache_rows, on_bad_image, seed
         self.epoch = 0  # set by the training loop so augmentations differ per epoch, yet reproducibly
 
     def __len__(self) -> int:
@@ -146,11 +150,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def load(self, i: int) -> np.ndarray:
         """The preprocessed SxS uint8 image, from the cache when it holds it."""
-        img = self.cache.get(i) if self.cache is not None else None
+        row = i if self.cache_rows is None else int(self.cache_rows[i])
+        img = self.cache.get(row) if self.cache is not None else None
         if img is None:
             img = views_mod.apply_chain_resized(decode_image(self.paths[i]), self.preprocess, self.size)[0]
             if self.cache is not None:
-                self.cache.put(i, img)
+                self.cache.put(row, img)
         return img
 
     def __getitem__(self, i: int):

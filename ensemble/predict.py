@@ -142,6 +142,7 @@ def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, fo
         base = _base_job(config, spec, merge, per_view, n_views)
         train, test = _manifests(config, manifests)
         image_of = train.frame.set_index("id")["image"]
+        all_paths = [str(train.root / p) for p in image_of.loc[folds.index]]  # the sweep's cache holds these
         for k in range(config["k"]):
             weights = run_dir / "models" / model_id / f"fold{k}" / "weights.pt"
             if store:
@@ -156,13 +157,17 @@ def plan_run(run_dir, *, tta=None, merge="mean", models=None, per_view=False, fo
                 splits["test"] = test.image_paths[: len(plan.test_ids)]
             preprocess = _preprocess(run_dir, config, k)
             for split, paths in splits.items():
-                cache = None
-                if config["data"].get("cache", True) and not smoke:  # the training's cache file for the same images
+                cache = {"cache": None, "cache_n": 0, "cache_rows": None}
+                if config["data"].get("cache", True) and not smoke:
                     from ensemble.loader import cache_path
 
-                    cache = str(cache_path(run_dir / "cache", paths, config["params"]["image_size"], preprocess))
+                    # Held-out rows: the training's cache of all folds.csv images, at their rows there.
+                    listed = all_paths if split == "oof" else paths
+                    cache = {"cache": str(cache_path(run_dir / "cache", listed, config["params"]["image_size"], preprocess)),
+                             "cache_n": len(listed),
+                             "cache_rows": folds.index.get_indexer(plan.fold_ids[k]).tolist() if split == "oof" else None}
                 plan.jobs[k, split] = dict(base, key=(model_id, k, split), weights=str(weights), preprocess=preprocess,
-                                           cache=cache)
+                                           **cache)
                 plan.paths[k, split] = paths
         plans.append(plan)
     check_checkpoints(plans)
@@ -377,12 +382,12 @@ class Predictor:
         torch = self._torch()
         from ensemble.loader import DecodedCache, ImageDataset, collate, loader_workers
 
-        key = (job["cache"] or tuple(paths), job["image_size"], job["preprocess"], job["tta"], job["batch"],
+        key = (tuple(paths), job["cache"], job["image_size"], job["preprocess"], job["tta"], job["batch"],
                job["on_bad_image"])
         if self.loader is None or self.loader[0] != key:
-            cache = DecodedCache(job["cache"], len(paths), job["image_size"]) if job["cache"] else None
+            cache = DecodedCache(job["cache"], job["cache_n"], job["image_size"]) if job["cache"] else None
             dataset = ImageDataset(paths, None, job["image_size"], preprocess=job["preprocess"], views=job["tta"],
-                                   cache=cache, on_bad_image=job["on_bad_image"])
+                                   cache=cache, cache_rows=job["cache_rows"], on_bad_image=job["on_bad_image"])
             # On a CPU the forward pass uses every thread of the actor's share: a decoding worker would only
             # compete with it (1 actor x 2 CPUs, scripts/bench_predict.py: 364 images/s with one, 467-485
             # without). On a GPU, workers decode while it computes.
@@ -521,8 +526,8 @@ def _predict(plans, run_dir, store, gpus_per_actor, cpus_per_actor, forward_batc
             elif job["cache"]:  # created here, once, so that actors never race to create the same file
                 from ensemble.loader import DecodedCache
 
-                DecodedCache(job["cache"], len(paths), job["image_size"])
-            list_key = job["cache"] or tuple(paths)
+                DecodedCache(job["cache"], job["cache_n"], job["image_size"])
+            list_key = tuple(paths)
             if list_key not in refs:
                 refs[list_key] = ray.put(paths)  # each image list is shipped once
             step = max(1, shard_size // job["batch"]) * job["batch"]  # whole batches: no small forward mid-list

@@ -97,19 +97,19 @@ class FoldTrainer:
         paths = [str(Path(data["root"]) / p) for p in frame["image"]]
         y = encode_targets(frame, target, self.config["classes"])
         is_valid = folds["fold"].to_numpy() == self.fold
-        self.train_paths = [p for p, v in zip(paths, is_valid) if not v]
-        self.valid_paths = [p for p, v in zip(paths, is_valid) if v]
+        self.paths = paths  # every row of folds.csv: one decoded cache for all folds and models
+        self.train_rows, self.valid_rows = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
         self.y_train, self.y_valid = y[~is_valid], y[is_valid]
         self.train_ids, self.valid_ids = frame["id"][~is_valid].tolist(), frame["id"][is_valid].tolist()
         self.mean, self.std = data["normalize"]["mean"], data["normalize"]["std"]
 
-    def _dataset(self, paths, y, stage: dict, train: bool) -> ImageDataset:
+    def _dataset(self, rows: np.ndarray, y, stage: dict, train: bool) -> ImageDataset:
         data, size = self.config["data"], self.params["image_size"]
         preprocess = stage.get("preprocess", data["preprocess"])
         cache = None
-        if data.get("cache", True):
-            cache = DecodedCache(cache_path(self.run_dir / "cache", paths, size, preprocess), len(paths), size)
-        return ImageDataset(paths, y, size, preprocess=preprocess, cache=cache,
+        if data.get("cache", True):  # keyed by all of folds.csv's images: shared by every fold and model
+            cache = DecodedCache(cache_path(self.run_dir / "cache", self.paths, size, preprocess), len(self.paths), size)
+        return ImageDataset([self.paths[i] for i in rows], y, size, preprocess=preprocess, cache=cache, cache_rows=rows,
                             augment=stage.get("augment", data["augment"]) if train else None,
                             on_bad_image=data.get("on_bad_image", "raise"), seed=self.config["seed"])
 
@@ -196,7 +196,7 @@ class FoldTrainer:
             self.scheduler.step(stage_epoch)
         seed = _seed(self.config["seed"], self.fold, self.epoch)
         torch.manual_seed(seed)
-        dataset = self._dataset(self.train_paths, self.y_train, stage, train=True)
+        dataset = self._dataset(self.train_rows, self.y_train, stage, train=True)
         dataset.epoch = self.epoch
         loader = create_loader(dataset, self.params["batch_size"], shuffle=True, cpus=self.cpus, seed=seed,
                                drop_last=len(dataset) > self.params["batch_size"])
@@ -236,7 +236,7 @@ class FoldTrainer:
 
     @torch.no_grad()
     def predict_valid(self, stage: dict) -> tuple[np.ndarray, float]:
-        dataset = self._dataset(self.valid_paths, self.y_valid, stage, train=False)
+        dataset = self._dataset(self.valid_rows, self.y_valid, stage, train=False)
         loader = create_loader(dataset, self.params["batch_size"] * 2, cpus=self.cpus)
         self.model.eval()
         outputs, losses = [], []

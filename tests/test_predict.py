@@ -147,6 +147,21 @@ def test_hflip_tta_of_flip_invariant_input_equals_no_tta(pristine, tmp_path, dem
 # --------------------------------------------------------------------------- through the actor pool
 
 
+def test_one_decoded_cache_serves_every_fold_model_and_the_held_out_predictions(predicted, pristine):
+    """2 models x 2 folds decode each training image once, into one cache of all folds.csv images; predict
+    reads the held-out rows from it and adds one cache for the test images."""
+    def caches(run):
+        return sorted(p for p in (run / "cache").glob("decoded-*.npy") if not p.name.endswith(".filled.npy"))
+
+    trained = caches(pristine)
+    assert len(trained) == 1
+    n = len(pd.read_csv(pristine / "folds.csv"))
+    assert np.load(trained[0], mmap_mode="r").shape[0] == n
+    assert np.load(trained[0].with_suffix(".filled.npy")).all()  # every row decoded, by some fold
+    after = caches(predicted[0])
+    assert len(after) == 2 and trained[0].name in {p.name for p in after}
+
+
 def test_outputs_match_the_contract(predicted, pristine):
     run, summary = predicted
     assert summary["predicted"] == model_ids(run) and summary["actors"] == 2 and summary["gpus"] == 0
