@@ -17,7 +17,6 @@ epoch e from last.pt replays exactly what an uninterrupted run would do.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
