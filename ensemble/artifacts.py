@@ -36,6 +36,11 @@ def total_epochs(config: dict) -> int:
     return sum(stage["epochs"] for stage in config["stages"])
 
 
+def is_better(score: float, best: float, mode: str) -> bool:
+    """`score` strictly better than `best` for a monitored metric with this mode ('min' or 'max')."""
+    return score < best if mode == "min" else score > best
+
+
 def stage_of(config: dict, epoch: int) -> tuple[int, dict, int]:
     """(stage index, stage, epoch index inside the stage) of a 0-based global epoch."""
     start = 0

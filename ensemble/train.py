@@ -32,7 +32,7 @@ import timm.scheduler
 import torch
 
 from ensemble import metrics as metrics_mod
-from ensemble.artifacts import fold_dir, mark_complete, read_metrics, stage_of, total_epochs
+from ensemble.artifacts import fold_dir, is_better, mark_complete, read_metrics, stage_of, total_epochs
 from ensemble.data import Target, encode_targets, read_manifest
 from ensemble.io import atomic_path, write_json, write_parquet
 from ensemble.loader import DecodedCache, ImageDataset, cache_path, create_loader, normalize_batch
@@ -48,10 +48,6 @@ class FoldResult:
     metric: str
     epochs: int
     complete: bool
-
-
-def is_better(score: float, best: float, mode: str) -> bool:
-    return score < best if mode == "min" else score > best
 
 
 def _seed(*parts: int) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.artifacts import STATUS_FILE, finalize_model, mark_complete, read_metrics, total_epochs
+from ensemble.artifacts import STATUS_FILE, finalize_model, is_better, mark_complete, read_metrics, total_epochs
 from ensemble.io import write_json
 from ensemble.storage import ARTIFACTS, RunStore, open_run
 
@@ -122,7 +122,7 @@ def _train_model(tune_config: dict, run_dir: Path, store: RunStore | None) -> No
         for epoch in range(1, epochs + 1):
             rows = _wait_for_epoch(run_dir, config["model_id"], k, epoch, pending, store)
             score = float(np.mean([r[metric] for r in rows]))
-            if best is None or (score < best if mode == "min" else score > best):
+            if best is None or is_better(score, best, mode):
                 best, since_best = score, 0
             else:
                 since_best += 1
