@@ -23,6 +23,7 @@ weights it needs into its own, and the outputs are pushed back.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -359,7 +360,7 @@ class Predictor:
 
     def _localize(self, job: dict) -> dict:
         """A job of a run at a URI: its paths in this node's mirror, the weights pulled there when not loaded."""
-        store = RunStore(job["storage"])
+        store = _node_store(job["storage"])
         weights = str(store.local / job["weights"])
         if self.weights != weights:  # the URI's version (one metadata request when the copy is current)
             store.pull(job["weights"])
@@ -397,6 +398,13 @@ class Predictor:
                 worker_init_fn=_one_thread if workers else None, persistent_workers=workers > 0,
                 pin_memory=self.device.type == "cuda")
         return self.loader[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _node_store(uri: str) -> RunStore:
+    """One RunStore per URI per actor process: opening the file system (an S3 region lookup, say)
+    is not repeated for every shard."""
+    return RunStore(uri)
 
 
 class _Rows:

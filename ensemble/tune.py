@@ -267,7 +267,7 @@ def print_leaderboard(board: pd.DataFrame, metric: str, mode: str, run: str | Pa
     print(per_model.to_string(index=False))
     print("\nPer fold:")
     print(board.to_string(index=False))
-    where = run if "://" in str(run) else Path(run).resolve()
+    where = run if storage.is_uri(run) else Path(run).resolve()
     print(f"\nArtifacts: {where}/models/<model_id>/ (oof.parquet, config.json, fold*/weights.pt)")
 
 
