@@ -1,6 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Each creates .venv if missing and installs everything into it.
 PYTHON ?= python3
+# Where pip finds torch + torchvision. Empty: the package index's default build (CUDA on Linux x86_64,
+# ~6.6 GB in .venv, runs on CPU too). For a CPU-only machine, a much smaller pair:
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch and torchvision must be a matching pair (timm imports torchvision):
 	# install them together first so pip resolves one pair for both.
-	$(PY) -m pip install torch torchvision
+	$(PY) -m pip install torch torchvision $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 

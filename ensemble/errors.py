@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable
+
+# A full, read-only or over-quota disk: the user's to fix, and the same command continues afterwards.
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(ValueError):
@@ -21,14 +25,27 @@ class RunFailed(RuntimeError):
     died); what finished is kept, and the message says how to continue. CLIs exit with code 1."""
 
 
+def disk_error(exc: OSError) -> UserError:
+    """A disk that refused a write, as one message naming the file and what to do."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return UserError(f"{where}{exc.strerror or exc}. Free some space (or make the directory writable), then run the "
+                     "same command again: what was complete is kept, and nothing half-written is used.")
+
+
 def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Decorate a CLI's main(argv): UserError -> one line on stderr and 2; RunFailed -> one line and 1."""
+    """Decorate a CLI's main(argv): UserError (and a full or read-only disk) -> one line on stderr and 2;
+    RunFailed -> one line and 1."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            print(f"error: {disk_error(exc)}", file=sys.stderr)
             return 2
         except RunFailed as exc:
             print(f"error: {exc}", file=sys.stderr)

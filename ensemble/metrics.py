@@ -119,6 +119,11 @@ def average_precision(y_true, proba, task: str = "multiclass") -> float:
     return float(np.mean(aps)) if aps else 0.0
 
 
+def is_better(score: float, best: float, mode: str) -> bool:
+    """`score` strictly better than `best` for a metric with this mode ('min' or 'max')."""
+    return score < best if mode == "min" else score > best
+
+
 @dataclass(frozen=True)
 class Metric:
     """A named metric: `fn(y_true, proba, task)` and whether lower or higher is better."""
@@ -126,33 +131,41 @@ class Metric:
     name: str
     mode: str  # "min" | "max"
     fn: Callable[..., float] = field(repr=False)
+    tasks: tuple[str, ...] = TASKS  # the tasks a sweep may monitor it for (every fold scores them all)
 
     def __call__(self, y_true, proba, task: str = "multiclass") -> float:
         return self.fn(y_true, proba, task)
 
     def is_better(self, a: float, b: float) -> bool:
         """True when score `a` is strictly better than `b`."""
-        return a < b if self.mode == "min" else a > b
+        return is_better(a, b, self.mode)
 
     def sign(self) -> float:
         """+1 for losses, -1 for gains: `sign() * score` is always lower-is-better."""
         return 1.0 if self.mode == "min" else -1.0
 
 
-def _fbeta_metric(name: str, beta: float, average: str, thresholds) -> Metric:
+def _fbeta_metric(name: str, beta: float, average: str, thresholds, tasks: tuple[str, ...] = ()) -> Metric:
     def fn(y_true, proba, task="multiclass"):
         return fbeta(y_true, proba, task, beta=beta, average=average, thresholds=thresholds)
 
-    return Metric(name, "max", fn)
+    return Metric(name, "max", fn, tasks)
 
 
+# The one registry of metric names: spaces (`metric:`), training, predict and stack all read it.
 METRICS: dict[str, Metric] = {
     "log_loss": Metric("log_loss", "min", log_loss),
     "accuracy": Metric("accuracy", "max", accuracy),
-    "f2": _fbeta_metric("f2", 2.0, "samples", 0.5),
-    "fbeta": _fbeta_metric("fbeta", 2.0, "samples", 0.5),
-    "map": Metric("map", "max", average_precision),
+    "f2": _fbeta_metric("f2", 2.0, "samples", 0.5, ("multilabel",)),
+    "fbeta": _fbeta_metric("fbeta", 2.0, "samples", 0.5),  # stack only: it needs --beta
+    "map": Metric("map", "max", average_precision, ("multilabel",)),
 }
+DEFAULT_METRIC = {"multiclass": "log_loss", "multilabel": "f2"}
+
+
+def task_metrics(task: str) -> list[str]:
+    """The metrics a sweep of this task may monitor; every fold's metrics.json holds all of them."""
+    return [name for name, metric in METRICS.items() if task in metric.tasks]
 
 
 def fbeta_name(beta: float, average: str = "samples") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import timm
 import torch
 
-from ensemble.loader import IMAGENET_MEAN, IMAGENET_STD
+from ensemble.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from ensemble.errors import UserError
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ensemble.loader import DecodedCache, ImageDataset, create_loader, normalize_batch
+from ensemble.data.loader import DecodedCache, ImageDataset, create_loader, normalize_batch
 
 
 def write_images(folder: Path, n: int) -> list[str]:

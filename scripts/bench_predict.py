@@ -45,8 +45,10 @@ def build_run(work: Path, args) -> Path:
     """A one-model run with real configs and random weights (throughput does not depend on the values)."""
     import torch
 
-    from ensemble import datasets, spaces, tune
+    from ensemble.data import demo_data as datasets
     from ensemble.models import create_model
+    from ensemble.tune import launch as tune
+    from ensemble.tune import spaces
 
     demo = datasets.export_demo_data(work / "demo")
     pd.read_csv(demo / "multiclass.csv").head(args.rows).to_csv(work / "train.csv", index=False)
@@ -76,9 +78,9 @@ def plain_tensors(run: Path):
     """Per fold model: (model, float tensor of its held-out + test images, preprocessed and normalised)."""
     import torch
 
-    from ensemble import predict
-    from ensemble.loader import ImageDataset, normalize_batch
+    from ensemble.data.loader import ImageDataset, normalize_batch
     from ensemble.models import create_model
+    from ensemble.predict import core as predict
 
     plan = predict.plan_run(run, tta="orig", force=True)[0][0]
     out = []
@@ -107,7 +109,7 @@ def time_plain(tensors, batch: int) -> tuple[float, int]:
 
 def time_pool(run: Path, actors, tta: str, args) -> tuple[float, int, float]:
     """(seconds of the whole predict_run call, images, seconds of its pool part: shards out, files written)."""
-    from ensemble import predict
+    from ensemble.predict import core as predict
 
     start = time.perf_counter()
     summary = predict.predict_run(run, tta=tta, force=True, actors=actors, gpus_per_actor=0,
@@ -133,7 +135,7 @@ def main() -> None:
     import ray
     import torch
 
-    from ensemble import predict
+    from ensemble.predict import core as predict
 
     cpus = os.cpu_count() or 1
     torch.set_num_threads(cpus)

@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the seeded run generator
 
-from ensemble import meta, stack  # noqa: E402
 from ensemble.metrics import fbeta_binary, get_metric, log_loss  # noqa: E402
-from ensemble.select import GreedySelection, cross_val_predict  # noqa: E402
-from ensemble.thresholds import LabelThresholds  # noqa: E402
+from ensemble.stack import cli as stack  # noqa: E402
+from ensemble.stack import meta  # noqa: E402
+from ensemble.stack.select import GreedySelection, cross_val_predict  # noqa: E402
+from ensemble.stack.thresholds import LabelThresholds  # noqa: E402
 
 # Planet: Understanding the Amazon from Space, train_v2.csv label rates (40,479 images).
 PLANET_RATES = [0.927, 0.702, 0.303, 0.201, 0.183, 0.179, 0.112, 0.090, 0.067, 0.052, 0.021, 0.0084,
@@ -137,7 +138,7 @@ def bench_meta(n: int, n_models: int, n_classes: int, n_labels: int, smoke: bool
             print(f"   {method:<7} fit {t:6.2f} s   CV log loss {log_loss(y, fit.oof, task):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(Path(tmp) / "run", "multiclass", n=n, n_test=n // 5, k=5, n_classes=n_classes, seed=3)
-        args = stack._parse(["--run", str(run)] + (["--smoke"] if smoke else []))
+        args = stack.parse_args(["--run", str(run)] + (["--smoke"] if smoke else []))
         import contextlib
         import io
 

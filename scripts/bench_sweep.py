@@ -27,7 +27,7 @@ import yaml
 
 
 def write_space(folder: Path, rows: int, epochs: int, k: int, models: int) -> Path:
-    from ensemble import datasets
+    from ensemble.data import demo_data as datasets
 
     manifest = datasets.demo_manifest("multiclass")
     frame = pd.read_csv(manifest).head(rows)
@@ -51,7 +51,7 @@ def write_space(folder: Path, rows: int, epochs: int, k: int, models: int) -> Pa
 def _train_one_fold(tune_config: dict) -> None:
     from ray import tune
 
-    from ensemble.train import train_fold
+    from ensemble.tune.train import train_fold
 
     result = train_fold(tune_config["config"], tune_config["fold"], tune_config["run_dir"], cpus=1)
     tune.report({"log_loss": result.best_score})
@@ -61,7 +61,7 @@ def time_per_fold_trials(space, run_dir: Path) -> float:
     """The alternative design: every fold its own Tune trial with 1 CPU (a fresh worker each)."""
     from ray import tune as ray_tune
 
-    from ensemble import tune
+    from ensemble.tune import launch as tune
 
     configs = tune.prepare_run(space, run_dir, resume=False, smoke=False)
     trials = [{"config": c, "fold": f, "run_dir": str(run_dir)} for c in configs for f in range(c["k"])]
@@ -90,8 +90,9 @@ def main(argv=None) -> None:
     import ray
     import torch
 
-    from ensemble import spaces, tune
-    from ensemble.train import train_fold
+    from ensemble.tune import launch as tune
+    from ensemble.tune import spaces
+    from ensemble.tune.train import train_fold
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sweep-"))
     folder.mkdir(parents=True, exist_ok=True)

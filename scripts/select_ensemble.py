@@ -18,8 +18,8 @@ import numpy as np
 
 from ensemble.errors import cli_main
 from ensemble.metrics import get_metric
-from ensemble.oof import load_run
-from ensemble.select import GreedySelection, cross_val_predict
+from ensemble.stack.oof import load_run
+from ensemble.stack.select import GreedySelection, cross_val_predict
 
 
 @cli_main

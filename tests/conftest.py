@@ -18,7 +18,7 @@ os.environ.setdefault("ENSEMBLE_CACHE_DIR", tempfile.mkdtemp(prefix="ensemble-te
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The demo images + manifests, exported once into a session tmp dir."""
-    from ensemble import datasets
+    from ensemble.data import demo_data as datasets
 
     root = tmp_path_factory.mktemp("demo-data")
     os.environ["ENSEMBLE_DATA_DIR"] = str(root)
@@ -34,3 +34,41 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small file system (tmpfs) to fill up or remount read-only: `disk(size)` mounts one and returns
+    its path; `disk.fill(path, leave)` leaves `leave` bytes free; `disk.read_only(path)` remounts it ro.
+
+    Mounting needs root with CAP_SYS_ADMIN (CI runs as root); elsewhere the test is skipped, saying why."""
+    import subprocess
+
+    mounted = []
+
+    class Disk:
+        def __call__(self, size: str = "64m"):
+            path = tmp_path / f"disk{len(mounted)}"
+            path.mkdir()
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                if os.environ.get("CI"):
+                    pytest.fail(f"cannot mount a tmpfs for the full-disk tests: {proc.stderr.strip()}")
+                pytest.skip(f"needs root to mount a tmpfs ({proc.stderr.strip()})")
+            mounted.append(path)
+            return path
+
+        @staticmethod
+        def fill(path, leave: int) -> None:
+            free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+            with open(path / ".filler", "wb") as f:
+                f.write(b"\0" * max(0, free - leave))
+
+        @staticmethod
+        def read_only(path) -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    yield Disk()
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -9,9 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ensemble import datasets
-from ensemble.data import Target, encode_targets, read_manifest
-from ensemble.loader import (
+from ensemble.data import demo_data as datasets
+from ensemble.data.loader import (
     DecodedCache,
     ImageDataset,
     compute_normalization,
@@ -19,6 +19,7 @@ from ensemble.loader import (
     loader_workers,
     normalize_batch,
 )
+from ensemble.data.manifest import Target, encode_targets, read_columns, read_manifest
 from ensemble.errors import UserError
 
 
@@ -164,6 +165,53 @@ def test_unreadable_table(tmp_path):
         read_manifest(path)
 
 
+def test_header_only_manifest_names_the_file(small):
+    root, frame = small
+    path = write(root, frame.head(0))
+    for require_target in (True, False):  # a test manifest without rows is as useless
+        with pytest.raises(UserError, match=re.escape(f"{path}: no data rows, only the header ['id', 'image', ")):
+            read_manifest(path, require_target=require_target)
+
+
+@pytest.mark.parametrize("content, name, found", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "m.csv", "cannot be read as CSV: it looks like a PNG image"),
+    (b"PK\x03\x04\x14\x00\x06\x00", "m.csv", "it looks like a ZIP archive (an Excel .xlsx workbook?)"),
+    (b"\xff\xfei\x00d\x00,\x00", "m.csv", "it looks like UTF-16 text"),
+    (b"id,image\x00\x01\x02", "m.csv", "it looks like binary data"),
+    ("id,image,label\n1,\u00e9.png,x\n".encode("latin-1"), "m.csv", "it is not UTF-8 text"),
+    (b"", "m.csv", "the file is empty (0 bytes)"),
+    (b"\n\n", "m.csv", "cannot be read as CSV: No columns to parse"),
+    (b"\x89PNG\r\n\x1a\n", "m.parquet", "cannot be read as Parquet: it looks like a PNG image"),
+])
+def test_a_file_that_is_no_table_says_what_it_looks_like(tmp_path, content, name, found):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"{path}: ")) as caught:
+        read_manifest(path)
+    assert found in str(caught.value)
+
+
+def test_parquet_named_csv_says_rename_it(small):
+    root, frame = small
+    frame.to_parquet(root / "m.csv")
+    with pytest.raises(UserError, match="it looks like a Parquet file .*; name it .parquet"):
+        read_manifest(root / "m.csv")
+
+
+def test_read_columns_reads_the_header_alone(small):
+    root, frame = small
+    frame.to_parquet(root / "m.parquet")
+    (root / "m.csv").write_text("\ufeffid,image,label\n1,no-such.png,x\n")  # Excel's BOM; the image is not checked
+    (root / "late.csv").write_text("\n\nid,image,label\n")  # pandas too skips leading blank lines
+    assert read_columns(root / "m.csv") == read_columns(root / "late.csv") == ("id", "image", "label")
+    assert read_columns(root / "m.parquet") == tuple(frame.columns)
+    (root / "blank.csv").write_text("\n \n")
+    with pytest.raises(UserError, match="blank.csv: no header line, only blank lines"):
+        read_columns(root / "blank.csv")
+    with pytest.raises(UserError, match="is a directory"):
+        read_columns(root / "images")
+
+
 # --------------------------------------------------------------------------- target forms
 
 
@@ -239,7 +287,7 @@ def test_cache_returns_identical_tensors_and_skips_decoding(demo_dir, tmp_path, 
     cache = DecodedCache(tmp_path / "c.npy", len(paths), 32)
     first = [b[0] for b in create_loader(ImageDataset(paths, y, 32, cache=cache), 16)]
     assert cache.filled.all()
-    import ensemble.loader as loader_mod
+    import ensemble.data.loader as loader_mod
 
     monkeypatch.setattr(loader_mod, "decode_image", lambda p: pytest.fail("decoded again despite the cache"))
     reopened = DecodedCache(tmp_path / "c.npy", len(paths), 32)  # another process / epoch reopens the file

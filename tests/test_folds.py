@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import ensemble.folds as folds_module
-from ensemble.datasets import demo_manifest
+import ensemble.data.folds as folds_module
+from ensemble.data.demo_data import demo_manifest
+from ensemble.data.folds import STRATEGIES, fold_summary, make_folds
 from ensemble.errors import UserError
-from ensemble.folds import STRATEGIES, fold_summary, make_folds
 
 K = 5
 
@@ -221,3 +221,14 @@ def test_group_error_names_the_fix():
     with pytest.raises(UserError) as caught:
         make_folds(LABELS, 2, "group", 0)
     assert "Pass groups, or use strategy 'stratified' or 'kfold'" in str(caught.value)
+
+
+def test_class_count_error_names_the_class_not_its_index():
+    y = np.array([0] * 6 + [1] * 3 + [2])  # class indices, as a manifest's encoded targets give them
+    with pytest.raises(UserError, match=re.escape("class 'seven' has only 1 row, k=3. Merge or drop that class")):
+        make_folds(y, 3, "stratified", 0, classes=["one", "six", "seven"])
+    soft = np.eye(3)[[0] * 7 + [1] * 3] * 0.8 + 0.1  # soft rows are stratified by argmax: the name follows
+    with pytest.raises(UserError, match=re.escape("class 'six' has only 3 rows, k=4")):
+        make_folds(soft, 4, "stratified", 0, classes=["one", "six", "seven"])
+    with pytest.raises(UserError, match=re.escape("class 2 has only 1 row")):  # no names: the index
+        make_folds(y, 3, "stratified", 0)

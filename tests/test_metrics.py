@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from ensemble.errors import UserError
-from ensemble.metrics import (METRICS, accuracy, average_precision, fbeta, fbeta_binary, get_metric, log_loss)
+from ensemble.metrics import METRICS, accuracy, average_precision, fbeta, fbeta_binary, get_metric, log_loss
 
 
 def _multiclass(n=200, c=5, seed=0):

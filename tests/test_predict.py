@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,7 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from ensemble import predict
+from ensemble.errors import UserError
+from ensemble.predict import cli, plan, pool, predict_run
+from ensemble.predict.outputs import write_submission
+from ensemble.run import Run, open_run
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUTS = ("oof_tta.parquet", "test.parquet")
@@ -26,7 +30,7 @@ OUTPUTS = ("oof_tta.parquet", "test.parquet")
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory, demo_dir, ray_cluster):
     """A finished sweep (2 models x 2 folds of test_resnet, 160 digits, 1 epoch), never predicted."""
-    from ensemble import spaces, tune
+    from ensemble.tune import launch, spaces
 
     tmp = tmp_path_factory.mktemp("predict")
     pd.read_csv(demo_dir / "multiclass.csv").head(160).to_csv(tmp / "small.csv", index=False)
@@ -36,7 +40,7 @@ def pristine(tmp_path_factory, demo_dir, ray_cluster):
              "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32}, "epochs": 1, "metric": "log_loss",
              "search": {"weight_decay": {"grid": [0.0, 0.05]}}, "resources": {"cpu": 1}}
     (tmp / "space.yaml").write_text(yaml.safe_dump(space))
-    tune.run_sweep(spaces.load_space(str(tmp / "space.yaml")), tmp / "run", verbose=0)
+    launch.run_sweep(spaces.load_space(str(tmp / "space.yaml")), tmp / "run", verbose=0)
     return tmp / "run"
 
 
@@ -54,7 +58,7 @@ def actors(ray_cluster):
 
     They hold 1 of the cluster's 2 CPUs, so the pools other tests make must fit in the other one.
     """
-    handles, _ = predict.create_pool(2, 0.5, 0)
+    handles, _ = pool.create_pool(2, 0.5, 0)
     yield handles
     for a in handles:
         ray_cluster.kill(a)
@@ -64,55 +68,9 @@ def actors(ray_cluster):
 def predicted(pristine, tmp_path_factory, actors):
     """The run predicted through the pool with 'orig,hflip' and per-view outputs."""
     run = copy_run(pristine, tmp_path_factory.mktemp("predicted"))
-    summary = predict.predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, shard_size=300,
+    summary = predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, shard_size=300,
                                   progress=False, actors=actors)
     return run, summary
-
-
-# --------------------------------------------------------------------------- merging, numerically (no Ray)
-
-
-def test_merge_views_by_hand():
-    logits = np.log(np.array([[[1.0, 3.0], [3.0, 1.0]]]))  # 1 row, 2 views: probabilities (.25, .75), (.75, .25)
-    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "mean"), [[0.5, 0.5]], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "gmean"), [[0.5, 0.5]], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(predict.merge_views(logits, "multiclass", "logits"), [[0.5, 0.5]], rtol=0, atol=1e-15)
-    z = np.array([[[0.0], [np.log(3.0)]]])  # multilabel: sigmoids 0.5 and 0.75
-    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "mean"), [[0.625]], rtol=1e-15)
-    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "gmean"), [[np.sqrt(0.375)]], rtol=1e-15)
-    np.testing.assert_allclose(predict.merge_views(z, "multilabel", "logits"), [[1 / (1 + 1 / np.sqrt(3))]], rtol=1e-15)
-
-
-def test_merge_views_properties_on_random_logits():
-    rng = np.random.default_rng(0)
-    z = rng.normal(scale=3, size=(50, 8, 6))
-    for task in ("multiclass", "multilabel"):
-        single = predict.activate(z[:, :1], task)[:, 0]
-        for how in predict.MERGES:
-            # identical views merge to the single view: exactly for mean and logits ((a + a) / 2 == a)
-            same = predict.merge_views(np.repeat(z[:, :1], 4, axis=1), task, how)
-            if how == "gmean":
-                np.testing.assert_allclose(same, single, rtol=1e-12)
-            else:
-                np.testing.assert_array_equal(same, single)
-            p = predict.merge_views(z, task, how)
-            assert p.shape == (50, 6) and np.all((p >= 0) & (p <= 1))
-            if task == "multiclass":
-                np.testing.assert_allclose(p.sum(1), 1, rtol=1e-12)
-        np.testing.assert_allclose(predict.merge_views(z, task, "mean"), predict.activate(z, task).mean(1), rtol=1e-12)
-    # multiclass: the renormalised geometric mean of softmaxes is the softmax of the mean logits
-    np.testing.assert_allclose(predict.merge_views(z, "multiclass", "gmean"), predict.merge_views(z, "multiclass", "logits"),
-                               rtol=1e-12)
-    assert not np.allclose(predict.merge_views(z, "multilabel", "gmean"), predict.merge_views(z, "multilabel", "logits"))
-    with pytest.raises(predict.UserError, match="'merge' parameter must be one of"):
-        predict.merge_views(z, "multiclass", "median")
-
-
-def test_view_names_expand_fivecrop():
-    assert predict.view_names("orig,hflip") == ["orig", "hflip"]
-    ten = predict.view_names("fivecrop,fivecrop+hflip")
-    assert len(ten) == 10 and ten[0] == "fivecrop#0" and ten[-1] == "fivecrop+hflip#4"
-    assert len(predict.view_names("fivecrop+hflip")) == 5  # the flipped crops only
 
 
 # --------------------------------------------------------------------------- a real model, in process
@@ -129,10 +87,10 @@ def test_hflip_tta_of_flip_invariant_input_equals_no_tta(pristine, tmp_path, dem
         img[:, 16:] = img[:, :16][:, ::-1]
         sym.append(str(tmp_path / f"s{i}.png"))
         cv2.imwrite(sym[-1], img)
-    plan = predict.plan_run(pristine, tta="orig,hflip", per_view=True, models=model_ids(pristine)[:1], force=True)[0][0]
-    job = dict(plan.jobs[1, "test"], cache=None, batch=8)
-    plain = dict(job, tta="orig", n_views=1, batch=16)
-    predictor = predict.Predictor(cpus=None)
+    model = plan.plan_run(Run(pristine), tta="orig,hflip", per_view=True, models=model_ids(pristine)[:1], force=True)[0][0]
+    job = dataclasses.replace(model.jobs[1, "test"], cache=None, batch=8)
+    plain = dataclasses.replace(job, tta="orig", n_views=1, batch=16)
+    predictor = pool.Predictor(cpus=None)
 
     out = predictor.predict(job, sym, 0, len(sym))
     np.testing.assert_array_equal(out["views"][:, 0], out["views"][:, 1])  # bit-identical inputs, one forward
@@ -188,7 +146,7 @@ def test_outputs_match_the_contract(predicted, pristine):
         meta = json.loads((d / "predict.json").read_text())
         assert meta["tta"] == "orig,hflip" and meta["views"] == ["orig", "hflip"] and meta["merge"] == "mean"
         assert {"oof log_loss", "oof_tta log_loss", "view orig", "view hflip"} <= set(summary["scores"][model_id])
-    from ensemble.oof import load_run
+    from ensemble.stack.oof import load_run
 
     assert set(load_run(run).sources.values()) == {"oof_tta.parquet"}  # the stacking stage takes them as they are
 
@@ -197,16 +155,16 @@ def test_complete_models_are_skipped_and_an_interrupted_one_resumes(predicted, a
     run, _ = predicted
     first, second = (run / "models" / m for m in model_ids(run))
     stamps = {p: p.stat().st_mtime_ns for p in (run / "models").rglob("*.parquet")}
-    again = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False)
+    again = predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False)
     assert again["predicted"] == [] and set(again["skipped"]) == set(model_ids(run))
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    kept = predict.predict_run(run, tta="orig", gpus_per_actor=0, progress=False)  # other settings: kept, and said so
+    kept = predict_run(run, tta="orig", gpus_per_actor=0, progress=False)  # other settings: kept, and said so
     assert kept["predicted"] == [] and "--force" in capsys.readouterr().out
 
     before = pd.read_parquet(second / "oof_tta.parquet")
     (second / "oof_tta.parquet").unlink()  # killed between its two writes, with a temp file left behind
     (second / ".oof_tta.parquet.x1y2.tmp").write_bytes(b"partial")
-    resumed = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False, actors=actors)
+    resumed = predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False, actors=actors)
     assert resumed["predicted"] == [second.name] and list(resumed["skipped"]) == [first.name]
     pd.testing.assert_frame_equal(pd.read_parquet(second / "oof_tta.parquet"), before, check_exact=False, rtol=1e-6)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.parent == first)
@@ -214,29 +172,29 @@ def test_complete_models_are_skipped_and_an_interrupted_one_resumes(predicted, a
 
 def test_smoke_and_submission(pristine, tmp_path, ray_cluster, capsys):
     run = copy_run(pristine, tmp_path)
-    assert predict.main(["--run", str(run), "--smoke", "--submission", "--gpus-per-actor", "0", "--no-progress",
+    assert cli.main(["--run", str(run), "--smoke", "--submission", "--gpus-per-actor", "0", "--no-progress",
                          "--tta", "fivecrop,fivecrop+hflip", "--merge", "gmean"]) == 0
     for model_id in model_ids(run):
         smoke = run / "predict-smoke" / model_id
-        assert len(pd.read_parquet(smoke / "oof_tta.parquet")) == 2 * predict.SMOKE_ROWS
+        assert len(pd.read_parquet(smoke / "oof_tta.parquet")) == 2 * plan.SMOKE_ROWS
         assert len(json.loads((smoke / "predict.json").read_text())["views"]) == 10
         sub = pd.read_csv(smoke / "submission.csv")
-        assert len(sub) == 2 * predict.SMOKE_ROWS and sub.columns[0] == "id"
+        assert len(sub) == 2 * plan.SMOKE_ROWS and sub.columns[0] == "id"
         assert not any((run / "models" / model_id / f).exists() for f in OUTPUTS)  # the real outputs stay untouched
 
 
 def test_predict_submission_and_stack_on_a_uri_run(pristine, tmp_path, actors, monkeypatch, capsys):
     """A run stored at a URI: outputs land at the URI; this machine's mirror never fetches training checkpoints."""
-    from ensemble import stack
+    from ensemble.stack import cli as stack
 
     remote = copy_run(pristine, tmp_path / "bucket")
     uri = remote.as_uri()
     monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "mirror"))
-    summary = predict.predict_run(uri, gpus_per_actor=0, progress=False, actors=actors)
+    summary = predict_run(uri, gpus_per_actor=0, progress=False, actors=actors)
     assert sorted(summary["predicted"]) == model_ids(remote)
     for model_id in model_ids(remote):
         assert all((remote / "models" / model_id / f).is_file() for f in OUTPUTS)
-    assert predict.main(["--run", uri, "--submission", "--gpus-per-actor", "0", "--no-progress"]) == 0
+    assert cli.main(["--run", uri, "--submission", "--gpus-per-actor", "0", "--no-progress"]) == 0
     assert "skipped" in capsys.readouterr().out  # complete at the URI: nothing predicted again
     assert all((remote / "models" / m / "submission.csv").is_file() for m in model_ids(remote))
     stack.main(["--run", uri, "--method", "greedy", "--smoke"])
@@ -247,24 +205,24 @@ def test_predict_submission_and_stack_on_a_uri_run(pristine, tmp_path, actors, m
 def test_an_actor_pulls_its_weights_from_the_uri_into_its_node_mirror(pristine, tmp_path, monkeypatch):
     """A job of a URI run names paths inside the run; the actor resolves them in its node's mirror and
     replaces a stale copy there (a fold retrained since) with the URI's version."""
-    from ensemble.storage import RunStore
-
-    uri = pristine.as_uri()
-    plans, _ = predict.plan_run(pristine)
-    job = dict(plans[0].jobs[1, "oof"])
-    rel = Path(job["weights"]).relative_to(pristine).as_posix()
-    job.update(weights=rel, cache=None, storage=uri)
-    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "node2"))
-    stale = RunStore(uri).local / rel
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"an older checkpoint")
-    actor = predict.Predictor(cpus=1)
-    local = actor._localize(job)
-    assert local["weights"] == str(stale) and local["storage"] is None
-    model = actor._model(local)
     import torch
 
-    expected = torch.load(pristine / rel, weights_only=True)
+    from ensemble.run.storage import RunStore
+
+    uri = pristine.as_uri()
+    with open_run(uri) as run:
+        run.pull_artifacts()
+        plans, _ = plan.plan_run(run)
+    job = dataclasses.replace(plans[0].jobs[1, "oof"], cache=None)
+    assert job.run == uri and not Path(job.weights).is_absolute()
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "node2"))
+    stale = RunStore(uri).local / job.weights
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older checkpoint")
+    actor = pool.Predictor(cpus=1)
+    model = actor._model(job)
+    assert actor.weights == stale
+    expected = torch.load(pristine / job.weights, weights_only=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor.cpu(), expected[name].cpu()), name
 
@@ -275,11 +233,11 @@ def test_a_killed_actor_is_restarted_and_its_work_retried(predicted, pristine, t
     import os
     import signal
 
-    actors, infos = predict.create_pool(1, 0.5, 0)
+    actors, infos = pool.create_pool(1, 0.5, 0)
     try:
         os.kill(infos[0]["pid"], signal.SIGKILL)
         run = copy_run(pristine, tmp_path)
-        summary = predict.predict_run(run, tta="orig,hflip", gpus_per_actor=0, shard_size=300, progress=False,
+        summary = predict_run(run, tta="orig,hflip", gpus_per_actor=0, shard_size=300, progress=False,
                                       actors=actors)
         assert sorted(summary["predicted"]) == model_ids(run)
         assert ray_cluster.get(actors[0].info.remote())["pid"] != infos[0]["pid"]  # a new process
@@ -295,19 +253,19 @@ def test_a_killed_actor_is_restarted_and_its_work_retried(predicted, pristine, t
 def test_multilabel_submission_has_tags(tmp_path):
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps({"task": "multilabel", "classes": ["a", "b", "c"],
+    (model / "config.json").write_text(json.dumps({"model_id": "m", "k": 2, "task": "multilabel", "classes": ["a", "b", "c"],
                                                    "target": {"form": "tags", "column": "tags"}}))
     pd.DataFrame({"id": ["x", "y"], "a": [0.9, 0.1], "b": [0.6, 0.2], "c": [0.1, 0.3]}).to_parquet(model / "test.parquet")
-    sub = pd.read_csv(predict.write_submission(tmp_path, "m"))
+    sub = pd.read_csv(write_submission(Run(tmp_path), "m"))
     assert sub.to_dict("list") == {"id": ["x", "y"], "tags": ["a b", "c"]}  # 'y': nothing >= 0.5, so its top tag
 
 
 def test_fractional_gpu_actors_are_placed_two_per_logical_gpu(ray_cluster):
-    assert predict.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5) == (8, 0.25, 0.5)
+    assert pool.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5) == (8, 0.25, 0.5)
     # 8 x 0.125 CPU: they fit beside the shared CPU actors (1 CPU)
-    n, cpus, gpus = predict.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5, cpus_per_actor=0.125)
+    n, cpus, gpus = pool.resolve_actors(ray_cluster.cluster_resources(), gpus_per_actor=0.5, cpus_per_actor=0.125)
     assert (n, cpus, gpus) == (8, 0.125, 0.5)
-    actors, info = predict.create_pool(n, cpus, gpus)
+    actors, info = pool.create_pool(n, cpus, gpus)
     try:
         assert ray_cluster.available_resources().get("GPU", 0.0) == 0.0  # all 4 held at once, by 8 live actors
         assert len({i["pid"] for i in info}) == 8
@@ -319,23 +277,23 @@ def test_fractional_gpu_actors_are_placed_two_per_logical_gpu(ray_cluster):
 
 
 def test_resolve_actors():
-    assert predict.resolve_actors({"CPU": 2}) == (2, 1.0, 0.0)  # CPU actors when there is no GPU
-    assert predict.resolve_actors({"CPU": 2}, cpus_per_actor=2) == (1, 2, 0.0)
-    assert predict.resolve_actors({"CPU": 8, "GPU": 2}) == (2, 4.0, 1.0)
-    assert predict.resolve_actors({"CPU": 2}, free={"CPU": 1.0}) == (1, 1.0, 0.0)  # what fits now, at least one
-    assert predict.resolve_actors({"CPU": 2}, free={"CPU": 0.0}) == (1, 1.0, 0.0)
-    assert predict.resolve_actors({"CPU": 2, "GPU": 4}, free={"CPU": 2.0, "GPU": 1.0}) == (1, 0.5, 1.0)
-    with pytest.raises(predict.UserError, match="no GPU"):
-        predict.resolve_actors({"CPU": 2}, gpus_per_actor=0.5)
-    with pytest.raises(predict.UserError, match="fraction"):
-        predict.resolve_actors({"CPU": 2, "GPU": 4}, gpus_per_actor=1.5)
+    assert pool.resolve_actors({"CPU": 2}) == (2, 1.0, 0.0)  # CPU actors when there is no GPU
+    assert pool.resolve_actors({"CPU": 2}, cpus_per_actor=2) == (1, 2, 0.0)
+    assert pool.resolve_actors({"CPU": 8, "GPU": 2}) == (2, 4.0, 1.0)
+    assert pool.resolve_actors({"CPU": 2}, free={"CPU": 1.0}) == (1, 1.0, 0.0)  # what fits now, at least one
+    assert pool.resolve_actors({"CPU": 2}, free={"CPU": 0.0}) == (1, 1.0, 0.0)
+    assert pool.resolve_actors({"CPU": 2, "GPU": 4}, free={"CPU": 2.0, "GPU": 1.0}) == (1, 0.5, 1.0)
+    with pytest.raises(UserError, match="no GPU"):
+        pool.resolve_actors({"CPU": 2}, gpus_per_actor=0.5)
+    with pytest.raises(UserError, match="fraction"):
+        pool.resolve_actors({"CPU": 2, "GPU": 4}, gpus_per_actor=1.5)
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 
 def _fails(run: Path, capsys, *args) -> str:
-    code = predict.main(["--run", str(run), "--gpus-per-actor", "0", "--no-progress", *args])
+    code = cli.main(["--run", str(run), "--gpus-per-actor", "0", "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not [p for p in run.rglob("*") if p.name in OUTPUTS or p.name.endswith(".tmp")]  # nothing half-written
@@ -380,3 +338,61 @@ def test_unknown_view_from_the_command_line(pristine, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: Unknown view op 'flip2'") and "Did you mean 'hflip'" in proc.stderr
     assert not [p for p in run.rglob("*") if p.name in OUTPUTS]
+
+
+# --------------------------------------------------------------------------- defects found by trying it as a user
+
+
+def test_a_folds_file_that_lost_a_fold_is_one_clear_error(pristine, tmp_path, capsys):
+    run = copy_run(pristine, tmp_path)
+    folds = pd.read_csv(run / "folds.csv", dtype=str)
+    folds[folds["fold"] != "1"].to_csv(run / "folds.csv", index=False)
+    err = _fails(run, capsys)
+    assert "folds.csv: folds [0] but the models were trained with k=2 (folds 0..1): missing [1]" in err
+
+
+def test_per_view_on_a_finished_run_computes_the_per_view_files(predicted, tmp_path, actors):
+    run = copy_run(predicted[0], tmp_path)
+    for d in (run / "models").iterdir():
+        for name in ("oof_views.parquet", "test_views.parquet"):
+            (d / name).unlink()
+    summary = predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, progress=False, actors=actors)
+    assert sorted(summary["predicted"]) == model_ids(run)
+    assert all((run / "models" / m / "oof_views.parquet").is_file() for m in model_ids(run))
+
+
+def test_parquets_without_predict_json_are_not_a_complete_model(predicted, tmp_path, actors):
+    """predict writes predict.json last: outputs without it (a crash mid-set) are predicted again, and the stack
+    refuses them meanwhile."""
+    from ensemble.stack.oof import load_run
+
+    run = copy_run(predicted[0], tmp_path)
+    first = model_ids(run)[0]
+    (run / "models" / first / "predict.json").unlink()
+    with pytest.raises(UserError, match=f"{first}: predict.json \\(rerun python -m ensemble.predict\\) missing"):
+        load_run(run)
+    summary = predict_run(run, tta="orig,hflip", gpus_per_actor=0, progress=False, actors=actors)
+    assert summary["predicted"] == [first] and (run / "models" / first / "predict.json").is_file()
+
+
+def _cli_fails(run: Path, *args) -> str:
+    proc = subprocess.run([sys.executable, "-m", "ensemble.predict", "--run", str(run), "--gpus-per-actor", "0",
+                           "--no-progress", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_a_full_or_read_only_disk_is_one_clear_error_and_leaves_no_half_set(pristine, small_disk):
+    disk = small_disk("48m")
+    run = Path(shutil.copytree(pristine, disk / "run"))
+    small_disk.fill(disk, leave=200_000)  # room for the check and a first file, not for a model's whole set
+    err = _cli_fails(run, "--force")
+    assert "No space left on device" in err and "run the same command again" in err
+    for model_id in model_ids(run):  # whatever was written, no model claims a complete set
+        assert not (run / "models" / model_id / "predict.json").exists()
+    assert not [p for p in run.rglob("*.tmp")]
+    (disk / ".filler").unlink()
+    small_disk.read_only(disk)
+    err = _cli_fails(run)
+    assert f"{run}: cannot write here (Read-only file system)" in err and "Nothing was changed" in err

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from ensemble import select
 from ensemble.errors import UserError
 from ensemble.metrics import get_metric
-from ensemble.select import GreedySelection, cross_val_predict
+from ensemble.stack import select
+from ensemble.stack.select import GreedySelection, cross_val_predict
 
 
 def _two_class(true_class_proba, labels):

@@ -12,11 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble import spaces
 from ensemble.errors import UserError
-from ensemble.spaces import apply_smoke, check_frozen, find_space, freeze_space, load_space, model_id, resolve_models
+from ensemble.metrics import task_metrics
+from ensemble.tune import spaces
+from ensemble.tune.spaces import (
+    apply_smoke,
+    check_frozen,
+    find_space,
+    freeze_space,
+    load_space,
+    model_id,
+    resolve_models,
+)
 
-SHIPPED = Path(spaces.__file__).resolve().parent.parent / "tune_spaces"
+SHIPPED = Path(spaces.__file__).resolve().parents[2] / "tune_spaces"
 BASE = {"data": {"manifest": "demo:multiclass"}, "backbones": ["test_resnet"]}
 
 
@@ -192,7 +201,7 @@ def test_numbers_written_without_a_dot_are_numbers(tmp_path):
     ({"params": {"lr": 0}}, "'params.lr' must be a number > 0; found 0."),
     ({"params": {"dropout": 1.0}}, "'params.dropout' must be a number in [0, 1); found 1.0."),
     ({"folds": {"k": 1}}, "'folds.k' must be an integer >= 2; found 1."),
-    ({"folds": {"strategy": "random"}}, "'folds.strategy' must be null or one of ['stratified', 'group',"),
+    ({"folds": {"strategy": "random"}}, "'folds.strategy' must be null or one of ['kfold', 'stratified', 'group',"),
     ({"epochs": 0}, "'epochs' must be null or an integer >= 1; found 0."),
     ({"stages": [{"epochs": 0}]}, "'stages[0].epochs' must be an integer >= 1; found 0."),
     ({"stages": [{"freeze": True}]}, "missing required key 'stages[0].epochs'"),
@@ -260,7 +269,7 @@ def test_cross_key_errors(tmp_path):
     cases = [
         ({"params": {"lr": 0.1}, "search": {"lr": {"choice": [0.1]}}}, "['lr'] in both 'params' and 'search'"),
         ({"metric": "f2"}, "'metric' f2 needs a multilabel target (data.target.form: tags); for this multiclass "
-                           "target use one of ['loss', 'log_loss', 'accuracy']."),
+                           "target use one of ['log_loss', 'accuracy']."),
         ({"metric": "map"}, "'metric' map needs a multilabel target"),
         ({"mode": "max"}, "'mode' max would pick the worst log_loss; use 'min' or drop 'mode'."),
         ({"weights": {"resnet50": "w.safetensors"}, "pretrained": True},
@@ -283,10 +292,26 @@ def test_cross_key_errors(tmp_path):
         assert expected in load_error(tmp_path, changes), changes
 
 
+def test_a_manifest_that_exists_but_cannot_be_read_is_not_called_missing(tmp_path):
+    assert "nowhere.csv does not exist (yet)" in load_error(tmp_path, {"data": {"manifest": "nowhere.csv"}})
+    (tmp_path / "digits.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    message = load_error(tmp_path, {"data": {"manifest": "digits.csv"}})
+    assert f"s.yaml: 'data.manifest': {tmp_path.resolve() / 'digits.csv'}: cannot be read as CSV" in message
+    assert "looks like a PNG image" in message and "does not exist" not in message
+    (tmp_path / "digits.csv").write_text("\n")
+    assert "digits.csv: no header line, only blank lines" in load_error(tmp_path, {"data": {"manifest": "digits.csv"}})
+    # With the target form given, a missing manifest may still be created before the sweep starts.
+    later = load(tmp_path, {"data": {"manifest": "later.csv", "target": {"form": "label"}}})
+    assert later.data.target.column == "label"
+
+
 def test_metric_fits_the_task(tmp_path):
     multilabel = {"data": {"manifest": "demo:multilabel"}, "backbones": ["test_resnet"]}
-    for metric in spaces.METRICS:  # log_loss and the others all fit multilabel
+    for metric in task_metrics("multilabel"):  # log_loss and the others all fit multilabel
         assert load(tmp_path, {"metric": metric}, base=multilabel).metric == metric
+    # One registry (ensemble.metrics): a space may not name a metric that training, predict or stack lack.
+    assert "'metric' must be null or one of ['log_loss', 'accuracy', 'f2', 'map']; found 'loss'." in \
+        load_error(tmp_path, {"metric": "loss"})
     space = load(tmp_path, base=multilabel)
     assert (space.metric, space.mode, space.folds.strategy, space.task) == ("f2", "max", "multilabel", "multilabel")
     assert "'folds.strategy' stratified does not fit a multilabel target; use 'multilabel'." in \
@@ -460,3 +485,16 @@ def test_with_resources_overrides_and_checks():
         spaces.with_resources(space, gpu=1.5)
     with pytest.raises(UserError, match=re.escape("The resources.cpu override must be a number > 0; found 0.")):
         spaces.with_resources(space, cpu=0)
+
+
+def test_numpy_sampling_draws_what_ray_tune_draws():
+    """spaces samples with numpy alone (no Ray import to resolve a space); the draws equal Ray Tune's domains'."""
+    from ray import tune
+
+    cases = [("choice", [0.1, "a", 3]), ("uniform", [0.0, 0.5]), ("loguniform", [1e-5, 1e-1]),
+             ("quniform", [0.1, 0.9, 0.1]), ("randint", [8, 64])]
+    for kind, args in cases:
+        ours, theirs = spaces._rng(0, "test_resnet", kind), spaces._rng(0, "test_resnet", kind)
+        domain = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+        for _ in range(20):
+            assert spaces.sample(kind, args, ours) == domain.sample(random_state=theirs), kind

@@ -4,16 +4,15 @@ unreachable s3:// endpoint (pyarrow's real S3 client, refused connection)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ensemble import storage
 from ensemble.errors import UserError
-from ensemble.storage import ARTIFACTS, RunStore, open_run
+from ensemble.run import Run, open_run, storage
+from ensemble.run.storage import ARTIFACTS, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 UNREACHABLE_S3 = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
@@ -49,11 +48,11 @@ def test_node_mirror_is_under_the_cache_dir_and_differs_per_uri(store, tmp_path)
 
 
 def test_open_run_gives_a_private_scratch_dir_and_removes_it(store, tmp_path):
-    with open_run(tmp_path / "plain") as (run_dir, none):
-        assert (run_dir, none) == (tmp_path / "plain", None)
-    with open_run(store.uri) as (run_dir, scratch):
-        assert scratch.uri == store.uri and run_dir == scratch.local != store.local and run_dir.is_dir()
-    assert not run_dir.exists()
+    with open_run(tmp_path / "plain") as run:
+        assert (run.dir, run.store, run.location) == (tmp_path / "plain", None, str(tmp_path / "plain"))
+    with open_run(store.uri) as run:
+        assert run.location == store.uri and run.dir == run.store.local != store.local and run.dir.is_dir()
+    assert not run.dir.exists()
 
 
 def test_push_then_pull_artifacts_only(store, tmp_path):
@@ -63,14 +62,14 @@ def test_push_then_pull_artifacts_only(store, tmp_path):
         write(store.local / "models/m/fold0" / name, name)
     write(store.local / "cache/decoded.npy", "pixels")
     store.push("folds.csv", "missing.json")  # a missing file is skipped
-    store.push_fold("m", 0)
+    Run(store.uri, store).push_fold("m", 0)
     assert files(remote) == ["folds.csv", "models/m/fold0/last.pt", "models/m/fold0/metrics.json",
                              "models/m/fold0/oof.parquet", "models/m/fold0/weights.pt"]  # no .tmp left behind
-    with open_run(store.uri) as (run_dir, scratch):
-        assert scratch.pull(only=ARTIFACTS)
-        assert files(run_dir) == ["folds.csv", "models/m/fold0/metrics.json", "models/m/fold0/oof.parquet"]
-        assert scratch.pull("models/m/fold0/last.pt") and (run_dir / "models/m/fold0/last.pt").read_text() == "last.pt"
-        assert not scratch.pull("models/other")
+    with open_run(store.uri) as run:
+        assert run.pull(only=ARTIFACTS)
+        assert files(run.dir) == ["folds.csv", "models/m/fold0/metrics.json", "models/m/fold0/oof.parquet"]
+        assert run.pull("models/m/fold0/last.pt") and (run.dir / "models/m/fold0/last.pt").read_text() == "last.pt"
+        assert not run.pull("models/other")
 
 
 def test_pull_copies_changed_files_only_and_push_skips_current_ones(store, tmp_path):

@@ -6,7 +6,7 @@ from sklearn.metrics import fbeta_score
 
 from ensemble.errors import UserError
 from ensemble.metrics import fbeta_binary
-from ensemble.thresholds import LabelThresholds, best_global_threshold, cross_val_thresholds
+from ensemble.stack.thresholds import LabelThresholds, best_global_threshold, cross_val_thresholds
 
 AVERAGES = ["samples", "micro", "macro"]
 

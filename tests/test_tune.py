@@ -14,40 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from sweep_fixtures import oof, read_metrics, small_space
 
-from ensemble import spaces, tune
-from ensemble.artifacts import read_metrics
-from ensemble.train import FoldTrainer, train_fold, train_until
+from ensemble.run import Run
+from ensemble.tune import launch as tune
+from ensemble.tune import spaces
+from ensemble.tune.train import train_until
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def small_space(tmp_path: Path, demo_dir: Path, rows: int = 240, **overrides) -> Path:
-    """A space over the first `rows` demo digits: a tiny but real sweep."""
-    frame = pd.read_csv(demo_dir / "multiclass.csv").head(rows)
-    manifest = tmp_path / f"small{rows}.csv"
-    frame.to_csv(manifest, index=False)
-    space = {
-        "data": {"manifest": str(manifest), "root": str(demo_dir), "test_manifest": "demo:test",
-                 "preprocess": "pad", "augment": "shift:0.1", "tta": "orig", "normalize": "dataset"},
-        "folds": {"k": 2, "strategy": "stratified", "seed": 0},
-        "backbones": ["test_resnet"],
-        "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32},
-        "epochs": 2,
-        "metric": "log_loss",
-        "resources": {"cpu": 1},
-        "max_failures": 1,
-    }
-    for key, value in overrides.items():
-        space[key] = value
-    path = tmp_path / f"space{rows}.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return path
-
-
-def oof(run_dir: Path) -> dict[str, pd.DataFrame]:
-    return {p.parent.name: pd.read_parquet(p) for p in sorted((run_dir / "models").glob("*/oof.parquet"))}
 
 
 def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -61,52 +35,15 @@ def cli(*args, env: dict | None = None, **kwargs) -> subprocess.Popen:
 # --------------------------------------------------------------------------- no Ray: the trial function
 
 
-def test_fold_resumed_from_checkpoint_equals_uninterrupted(tmp_path, demo_dir):
-    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
-    configs = {}
-    for name in ("straight", "resumed"):
-        configs[name] = tune.prepare_run(space, tmp_path / name, resume=False, smoke=False)[0]
-    straight = train_fold(configs["straight"], 0, tmp_path / "straight")
-    assert straight.complete and straight.epochs == 2
-    train_until(configs["resumed"], 0, tmp_path / "resumed", 1)  # a crash after epoch 1 ...
-    trainer = FoldTrainer(configs["resumed"], 0, tmp_path / "resumed")
-    assert trainer.restore() and trainer.epoch == 1  # ... resumes at epoch 2, not 0
-    trainer.train_epoch()
-    model_id = configs["straight"]["model_id"]
-    a = pd.read_parquet(tmp_path / "straight" / "models" / model_id / "fold0" / "oof.parquet")
-    b = pd.read_parquet(tmp_path / "resumed" / "models" / model_id / "fold0" / "oof.parquet")
-    pd.testing.assert_frame_equal(a, b)
-    history = read_metrics(tmp_path / "resumed", model_id, 0)["history"]
-    assert [row["epoch"] for row in history] == [1, 2]
-
-
-def test_a_metrics_file_lagging_behind_last_pt_is_rewritten_on_restore(tmp_path, demo_dir):
-    """A crash between saving last.pt and metrics.json: the fold resumes at the checkpoint's epoch and its
-    metrics.json catches up, even when no epoch is left to train (else the trial would wait forever)."""
-    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
-    config = tune.prepare_run(space, tmp_path / "run", resume=False, smoke=False)[0]
-    train_until(config, 0, tmp_path / "run", 1)
-    path = tmp_path / "run" / "models" / config["model_id"] / "fold0" / "metrics.json"
-    lagging = path.read_text()
-    train_until(config, 0, tmp_path / "run", 2)
-    done = json.loads(path.read_text())
-    path.write_text(lagging)  # last.pt says 2 epochs, metrics.json says 1
-    pushed = []
-    row = train_until(config, 0, tmp_path / "run", 2, after_epoch=lambda: pushed.append(1))
-    assert row["epoch"] == 2 and pushed == [1]  # restored, nothing trained, the caught-up files pushed
-    assert json.loads(path.read_text()) == done
-
-
-# --------------------------------------------------------------------------- sweeps on the session cluster
-
-
 @pytest.mark.slow
 def test_sweep_artifacts_and_resume_skips_finished_models(tmp_path, demo_dir, ray_cluster):
     space = spaces.load_space(str(small_space(tmp_path, demo_dir, search={"weight_decay": {"grid": [0.0, 0.05]}})))
     run_dir = tmp_path / "runs" / "s"
     board = tune.run_sweep(space, run_dir, verbose=0)
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
-    assert len(board) == 4 and set(board["state"]) == {"complete"}
+    assert len(board) == 2 and set(board["state"]) == {"complete"}  # one row per model
+    assert pd.read_csv(run_dir / "leaderboard.csv")["model_id"].tolist() == board["model_id"].tolist()
+    assert sorted(board["model"]) == ["test_resnet weight_decay=0", "test_resnet weight_decay=0.05"]
     outputs = oof(run_dir)
     assert len(outputs) == 2
     for model_id, frame in outputs.items():
@@ -125,10 +62,11 @@ def test_sweep_artifacts_and_resume_skips_finished_models(tmp_path, demo_dir, ra
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing retrained
 
 
-def test_resume_refuses_a_changed_space(tmp_path, demo_dir):
+def test_resume_refuses_a_changed_space_once_an_epoch_is_trained(tmp_path, demo_dir):
     path = small_space(tmp_path, demo_dir)
     run_dir = tmp_path / "runs" / "changed"
-    tune.prepare_run(spaces.load_space(str(path)), run_dir, resume=False, smoke=False)
+    config = tune.prepare_run(spaces.load_space(str(path)), run_dir, resume=False, smoke=False)[0]
+    train_until(config, 0, run_dir, 1)  # one fold-epoch trained: the run keeps its space from now on
     text = path.read_text().replace("epochs: 2", "epochs: 3")
     path.write_text(text)
     code = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
@@ -136,6 +74,7 @@ def test_resume_refuses_a_changed_space(tmp_path, demo_dir):
                           capture_output=True, text=True)
     assert code.returncode == 2
     assert "epochs" in code.stderr and "2 -> 3" in code.stderr and "Traceback" not in code.stderr
+    assert "1 fold-epoch(s) trained" in code.stderr
     again = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
                             str(run_dir.parent), "--name", "changed"], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -157,14 +96,28 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, demo_dir, 
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == proc.pid  # left behind by the kill
     before = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")}
     assert before and not all(m["complete"] for m in before.values())
 
     moved = tmp_path / "moved"  # the run directory moves (another disk or machine): resume still works
     shutil.copytree(storage, moved)
     resumed = cli("--space", str(path), "--storage", str(moved), "--name", "run", "--resume", "-v", "0")
+    lock = moved / "run" / "run.lock"
+    while not (lock.exists() and json.loads(lock.read_text() or "{}").get("pid") == resumed.pid):
+        assert resumed.poll() is None and time.time() < deadline + 120
+        time.sleep(0.05)
+    # A second launch on the run while the first works is refused, naming the holder; it trains nothing.
+    os.killpg(resumed.pid, signal.SIGSTOP)  # the holder pauses: it cannot finish before the second one looks
+    second = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage", str(moved),
+                             "--name", "run", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    os.killpg(resumed.pid, signal.SIGCONT)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"this run is in use by python -m ensemble.tune --space {path}" in second.stderr
+    assert f"(pid {resumed.pid} on " in second.stderr and "Traceback" not in second.stderr
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
+    assert f"process {proc.pid} is gone" in out and not (moved / "run" / "run.lock").exists()  # taken over, released
     after = {p.parent.name: json.loads(p.read_text()) for p in (moved / "run").glob("models/*/fold*/metrics.json")}
     for fold, metrics in before.items():  # finished epochs were kept, not trained again
         assert after[fold]["history"][: metrics["epochs"]] == metrics["history"]
@@ -200,7 +153,7 @@ def test_killed_fold_worker_is_retried_from_its_checkpoint(tmp_path, demo_dir, r
     thread.join(timeout=300)
     assert killed is not None
     assert set(result["board"]["state"]) == {"complete"}
-    metrics = read_metrics(run_dir, result["board"]["model"][0], 0)
+    metrics = read_metrics(run_dir, result["board"]["model_id"][0], 0)
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
 
 
@@ -282,7 +235,7 @@ def test_two_node_cluster_with_uri_storage(tmp_path, demo_dir):
         proc = cli(*args, env=dict(os.environ, ENSEMBLE_CACHE_DIR=str(mirrors["head"])))
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
-        assert "Leaderboard" in out and f"Artifacts: {uri}/two/models" in out
+        assert "Leaderboard (" in out and f"models in {uri}/two/models/" in out
         remote = tmp_path / "bucket" / "runs" / "two"
         model_id = next((remote / "models").iterdir()).name
         devices = {read_metrics(remote, model_id, k)["history"][-1]["device"] for k in range(2)}
@@ -303,36 +256,6 @@ def test_two_node_cluster_with_uri_storage(tmp_path, demo_dir):
         assert again.returncode == 0 and "1 model(s) already complete" in out, out
     finally:
         cluster.shutdown()
-
-
-def test_fold_resumes_from_a_uri_checkpoint_in_an_empty_mirror(tmp_path, demo_dir, monkeypatch):
-    """A fold task trains epoch 1 on one machine; another machine, with nothing local, continues it
-    from the URI to the same result as an uninterrupted fold."""
-    from ensemble.trial import _fold_task
-    from ensemble.storage import RunStore
-
-    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
-    config = tune.prepare_run(space, tmp_path / "straight", resume=False, smoke=False)[0]
-    straight = train_fold(config, 0, tmp_path / "straight")
-    uri = (tmp_path / "bucket" / "run").as_uri()
-    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "machine-a"))
-    tune.prepare_run(space, RunStore(uri).local, resume=False, smoke=False)
-    RunStore(uri).push("folds.csv")
-    _fold_task(config, 0, "unused", 1, uri)  # a crash after epoch 1 ...
-    remote = tmp_path / "bucket" / "run"
-    first = read_metrics(remote, config["model_id"], 0)["history"]
-    shutil.rmtree(tmp_path / "machine-a")
-    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "machine-b"))
-    stale = RunStore(uri).local / "models" / config["model_id"] / "fold0" / "last.pt"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"a checkpoint left by an earlier run at this URI")  # replaced, not loaded
-    row = _fold_task(config, 0, "unused", 2, uri)  # ... continues elsewhere at epoch 2
-    assert row["epoch"] == 2 and straight.epochs == 2
-    history = read_metrics(remote, config["model_id"], 0)["history"]
-    assert [r["epoch"] for r in history] == [1, 2] and history[:1] == first  # epoch 1 came from the URI
-    a = pd.read_parquet(tmp_path / "straight" / "models" / config["model_id"] / "fold0" / "oof.parquet")
-    b = pd.read_parquet(remote / "models" / config["model_id"] / "fold0" / "oof.parquet")
-    pd.testing.assert_frame_equal(a, b)
 
 
 def test_unopenable_storage_uri_is_a_clear_error(tmp_path, demo_dir):
@@ -363,7 +286,7 @@ def test_asha_prunes_a_param_set_as_a_whole_and_resume_skips_it(tmp_path, demo_d
                        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     run_dir = tmp_path / "runs" / "asha"
     board = tune.run_sweep(spaces.load_space(str(path)), run_dir, verbose=0)
-    states = board.groupby("model")["state"].first()
+    states = board.groupby("model_id")["state"].first()
     assert sorted(states) == ["complete", "pruned"]
     pruned = states[states == "pruned"].index[0]
     assert json.loads((run_dir / "models" / pruned / "status.json").read_text())["state"] == "pruned"
@@ -373,4 +296,48 @@ def test_asha_prunes_a_param_set_as_a_whole_and_resume_skips_it(tmp_path, demo_d
     folds = [read_metrics(run_dir, pruned, k) for k in range(2)]
     assert not any(m["complete"] for m in folds) and max(m["epochs"] for m in folds) < 8, folds
     again = tune.run_sweep(spaces.load_space(str(path)), run_dir, resume=True, verbose=0)
-    assert again.groupby("model")["state"].first().to_dict() == states.to_dict()
+    assert again.groupby("model_id")["state"].first().to_dict() == states.to_dict()
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ensemble.tune", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_launch_the_cluster_cannot_run_writes_nothing_and_the_corrected_command_runs(tmp_path, demo_dir):
+    """--gpus-per-trial 1 on a CPU-only cluster: refused before the first write, so the same command without it
+    starts the run; the compact display names the searched params, one line per change."""
+    path = small_space(tmp_path, demo_dir, rows=120, epochs=2, search={"lr": {"grid": [0.003, 0.01]}},
+                       params={"batch_size": 32, "image_size": 32})
+    storage = tmp_path / "runs"
+    bad = run_cli("--space", path, "--storage", storage, "--name", "g", "--gpus-per-trial", "1")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: one fold needs") and bad.stderr.count("\n") == 1, \
+        bad.stdout + bad.stderr
+    assert "Nothing was written" in bad.stderr and not (storage / "g").exists()
+    good = run_cli("--space", path, "--storage", storage, "--name", "g")
+    assert good.returncode == 0, good.stdout + good.stderr
+    lines = good.stdout.splitlines()
+    assert len(lines) <= 40, good.stdout  # not a terminal: a line per change, no Ray Tune tables
+    assert lines[0].startswith("Sweep: 2 model(s) x 2 folds, 8 fold-epochs (log_loss, lower is better)")
+    progress = [line for line in lines if line.startswith("[")]
+    assert any("test_resnet lr=0.003" in line and "fold-epochs 2/4" in line for line in progress), good.stdout
+    assert any("test_resnet lr=0.01" in line and "complete" in line for line in progress), good.stdout
+    assert "Trial status" not in good.stdout and "Logical resource usage" not in good.stdout + good.stderr
+    board = pd.read_csv(storage / "g" / "leaderboard.csv")
+    assert sorted(board["model"]) == ["test_resnet lr=0.003", "test_resnet lr=0.01"]
+    assert set(board["state"]) == {"complete"} and {"fold0", "fold1", "mean", "std", "lr"} <= set(board.columns)
+    assert "Leaderboard (log_loss, mean ± std over 2 folds, best first):" in good.stdout
+    again = run_cli("--space", path, "--storage", storage, "--name", "g", "--resume")
+    assert again.returncode == 0 and "Nothing to train" in again.stdout and "Sweep finished" not in again.stdout
+
+
+def test_a_run_that_trained_nothing_starts_again_with_a_changed_space(tmp_path, demo_dir, capsys):
+    path = small_space(tmp_path, demo_dir, rows=120, epochs=1)
+    run_dir = tmp_path / "runs" / "r"
+    tune.prepare_run(spaces.load_space(str(path)), run_dir)  # a launch that wrote its plan, then died
+    path.write_text(path.read_text().replace("epochs: 1", "epochs: 2"))
+    configs = tune.prepare_run(spaces.load_space(str(path)), run_dir)
+    assert "no fold has finished an epoch; starting it again with the space as it is now" in capsys.readouterr().out
+    assert configs[0]["stages"][0]["epochs"] == 2 and "epochs: 2" in (run_dir / "space.yaml").read_text()
+    assert Run(run_dir).model_ids() == [configs[0]["model_id"]]  # the old plan's models are gone

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 from skimage import data
 
-from ensemble.errors import UserError
-from ensemble.views import (
+from ensemble.data.views import (
     VIEWS,
     apply_chain,
     apply_views,
@@ -25,6 +24,7 @@ from ensemble.views import (
     register_view,
     resize_square,
 )
+from ensemble.errors import UserError
 
 ASTRONAUT = data.astronaut()  # 512x512, one face the default Haar cascade finds
 COFFEE = data.coffee()  # 400x600: non-square
@@ -427,7 +427,7 @@ def test_register_view_rejects_bad_registrations(user_ops):
 def test_letterbox_equals_pad_then_resize_up_to_interpolation():
     from skimage import data
 
-    from ensemble.views import apply_chain_resized, letterbox
+    from ensemble.data.views import apply_chain_resized, letterbox
 
     coffee = np.ascontiguousarray(data.coffee())  # 400 x 600: pads top and bottom
     fast = apply_chain_resized(coffee, "pad", 96)[0]

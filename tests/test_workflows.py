@@ -16,8 +16,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from ensemble import predict, spaces, stack, tune
-from ensemble.artifacts import read_metrics
+from ensemble import predict
+from ensemble.run import Run
+from ensemble.stack import cli as stack
+from ensemble.tune import launch as tune
+from ensemble.tune import spaces
+
+
+def read_metrics(run, model_id, fold):
+    return Run(run).read_metrics(model_id, fold)
+
+
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Load a run's out-of-fold and test predictions into aligned arrays for stacking.
 
-`load_run(run)` reads `<run>/folds.csv` and every `<run>/models/<model_id>/`
+`load_run(run)` reads the run's folds.csv and every model directory
 (config.json, oof_tta.parquet or oof.parquet, test.parquet) and returns a
 `StackData`: models x rows x classes arrays in folds.csv's row order, the
 ground truth encoded from folds.csv, and the fold of every row.
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.errors import UserError
+from ensemble.run import Run
 
 ROW_SUM_TOL = 1e-3
 
@@ -33,7 +34,7 @@ ROW_SUM_TOL = 1e-3
 class StackData:
     """Aligned level-1 predictions of one run (rows in folds.csv order)."""
 
-    run: Path
+    run: Run
     task: str
     classes: list[str]
     target: dict
@@ -46,6 +47,7 @@ class StackData:
     test: np.ndarray  # models x test rows x classes
     sources: dict[str, str] = field(default_factory=dict)  # model_id -> the OOF file used
     skipped: dict[str, str] = field(default_factory=dict)  # model_id -> why it was left out
+    metric: str = "log_loss"  # the metric the sweep monitored (config.json): the stack's default
 
 
 def _some(values, noun: str = "id") -> str:
@@ -77,10 +79,10 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise UserError(f"{path}: cannot be read as Parquet ({exc}); rerun the stage that writes it.") from exc
 
 
-def _read_folds(run: Path, target: dict, classes: list[str]) -> pd.DataFrame:
-    from ensemble import data  # imported here: it pulls in torch and OpenCV, which only the loader needs
+def _read_folds(run: Run, target: dict, classes: list[str]) -> pd.DataFrame:
+    from ensemble.data import manifest as data
 
-    path = run / "folds.csv"
+    path = run.folds_file
     frame = data.read_table(path)
     needed = ["id", "fold", target["column"]]
     missing = [c for c in needed if c not in frame.columns]
@@ -106,7 +108,7 @@ def _target_fields(target: dict) -> dict:
 
 
 def _encode(frame: pd.DataFrame, target: dict, classes: list[str]) -> np.ndarray:
-    from ensemble.data import encode_targets
+    from ensemble.data.manifest import encode_targets
 
     return np.asarray(encode_targets(frame, _target_fields(target), classes), dtype=np.float64)
 
@@ -153,8 +155,10 @@ def _check_columns(path: Path, frame: pd.DataFrame, keys: list[str], classes: li
 
 
 def _model_files(model_dir: Path, tta: bool) -> tuple[Path | None, list[str]]:
-    """The OOF file to use and what is missing (empty when complete)."""
-    missing = []
+    """The OOF file to use and what is missing (empty when complete).
+
+    predict writes predict.json last: without it, the parquets beside it may mix two predictions."""
+    missing = [] if (model_dir / "predict.json").exists() else ["predict.json (rerun python -m ensemble.predict)"]
     use_tta = tta and (model_dir / "oof_tta.parquet").exists()
     oof = model_dir / ("oof_tta.parquet" if use_tta else "oof.parquet")
     if not oof.exists():
@@ -210,46 +214,41 @@ def _read_test(path: Path, classes: list[str], task: str, class_ref: str, test_i
     return test_ids, values
 
 
-def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
+def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) -> StackData:
     """Read and check every model's OOF and test predictions of `run`; see the module docstring."""
-    run = Path(run)
-    if not (run / "folds.csv").exists() or not (run / "models").is_dir():
-        raise UserError(f"{run}: not a run directory (needs folds.csv and models/); pass the directory the sweep "
-                        "wrote, e.g. runs/<name>.")
-    model_dirs = sorted(p for p in (run / "models").iterdir() if p.is_dir() and not p.name.startswith("."))
+    run = run if isinstance(run, Run) else Run(run)
+    run.check()
+    model_dirs = sorted(p for p in run.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     configs = {}
     for d in model_dirs:
         if (d / "config.json").exists():
             configs[d.name] = _read_config(d / "config.json")
     if not configs:
-        raise UserError(f"{run / 'models'}: no model directories with a config.json; run the sweep first.")
+        raise UserError(f"{run.show(run.models_dir)}: no model directories with a config.json; run the sweep first.")
     ref_id = next(iter(configs))
     ref = configs[ref_id]
     for model_id, config in configs.items():
         for key in ("task", "target"):
             if config[key] != ref[key]:
-                raise UserError(f"{run}/models/{model_id}/config.json: {key} {config[key]!r} differs from "
-                                f"models/{ref_id} ({ref[key]!r}); a run stacks models of one task and target.")
+                raise UserError(f"{run.show(run.model_dir(model_id) / 'config.json')}: {key} {config[key]!r} differs from "
+                                f"{run.rel(run.model_dir(ref_id))} ({ref[key]!r}); a run stacks models of one task and target.")
         a, b = set(map(str, config["classes"])), set(map(str, ref["classes"]))
         if a != b:  # the same names in another order are fine: columns are read by name
-            raise UserError(f"{run}/models/{model_id}/config.json: classes differ from models/{ref_id}: "
+            raise UserError(f"{run.show(run.model_dir(model_id) / 'config.json')}: classes differ from {run.rel(run.model_dir(ref_id))}: "
                             f"missing {sorted(b - a)[:5]}, unexpected {sorted(a - b)[:5]}; every model must "
                             "predict the same classes.")
     task, target, classes = ref["task"], ref["target"], [str(c) for c in ref["classes"]]
     folds_frame = _read_folds(run, target, classes)
     ids = folds_frame["id"].to_numpy(dtype=object)
     folds = folds_frame["fold"].to_numpy()
-    found, expected = set(folds.tolist()), set(range(int(ref.get("k", 0)))) or set(folds.tolist())
-    if found != expected:
-        raise UserError(f"{run / 'folds.csv'}: folds {sorted(found)} but the models were trained with k={ref['k']} "
-                        f"(folds 0..{int(ref['k']) - 1}): missing {sorted(expected - found)}, unexpected "
-                        f"{sorted(found - expected)}. Stack with the folds.csv the sweep wrote.")
+    if "k" in ref:
+        run.check_folds(folds_frame["fold"], ref["k"])
     index = pd.Index(ids)
     incomplete = {d.name: "config.json missing" for d in model_dirs if d.name not in configs}
     oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None
-    class_ref = f"models/{ref_id}/config.json"
+    class_ref = run.rel(run.model_dir(ref_id) / "config.json")
     for model_id in configs:
-        model_dir = run / "models" / model_id
+        model_dir = run.model_dir(model_id)
         oof_path, missing = _model_files(model_dir, tta)
         if missing:
             incomplete[model_id] = ", ".join(missing) + " missing"
@@ -269,13 +268,13 @@ def load_run(run, tta: bool = True, skip_incomplete: bool = False) -> StackData:
     if incomplete:
         listing = "; ".join(f"{m}: {why}" for m, why in incomplete.items())
         if not skip_incomplete:
-            raise UserError(f"{run}/models: {len(incomplete)} incomplete model(s): {listing}. Finish them "
+            raise UserError(f"{run.show(run.models_dir)}: {len(incomplete)} incomplete model(s): {listing}. Finish them "
                             "(rerun the sweep/predict stage) or pass --skip-incomplete to stack without them.")
         skipped = incomplete
     if not oof_list:
-        raise UserError(f"{run}/models: no complete model to stack ({len(incomplete)} incomplete).")
+        raise UserError(f"{run.show(run.models_dir)}: no complete model to stack ({len(incomplete)} incomplete).")
     return StackData(
         run=run, task=task, classes=classes, target=target, model_ids=list(sources), ids=ids, folds=folds,
         y_true=_encode(folds_frame, target, classes), oof=np.stack(oof_list), test_ids=test_ids,
-        test=np.stack(test_list), sources=sources, skipped=skipped,
+        test=np.stack(test_list), sources=sources, skipped=skipped, metric=ref.get("metric", "log_loss"),
     )

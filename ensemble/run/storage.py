@@ -1,6 +1,6 @@
 """Runs stored at a URI (s3://, gs://, hdfs://, file://, anything pyarrow.fs opens).
 
-Every stage reads and writes a run as a local directory (ensemble.artifacts).
+Every stage reads and writes a run as a local directory (`ensemble.run.Run`).
 With `--storage URI` the run lives at the URI and the processes that touch it
 copy files to and from it, so the nodes of a cluster need no shared file system:
 
@@ -11,7 +11,7 @@ copy files to and from it, so the nodes of a cluster need no shared file system:
                  sees an epoch whose checkpoint is not there yet
   predict actor  pulls the weights (and keeps the decoded-image cache) in its
                  node's mirror
-  driver, trial  work in a private scratch directory (`open_run`): they pull the
+  driver, trial  work in a private scratch directory (`ensemble.run.open_run`): they pull the
                  small artifacts (json, yaml, csv, parquet; never checkpoints or
                  caches) and push exactly the files they write
 
@@ -27,14 +27,11 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 ARTIFACTS = (".json", ".yaml", ".csv", ".parquet")  # what drivers and trials pull: no checkpoints, no caches
-FOLD_FILES = ("weights.pt", "oof.parquet", "last.pt", "metrics.json")  # push order: metrics.json last
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -148,6 +145,16 @@ class RunStore:
 
     # ----------------------------------------------------------------- push
 
+    def delete(self, rel: str) -> None:
+        """Remove the file or directory `rel` at the URI (a relaunch that replaces a plan), if there."""
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(self._remote(rel))
+        if info.type == fs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == fs.FileType.File:
+            self.fs.delete_file(info.path)
+
     def push(self, *rels: str) -> None:
         """Upload local files (relative paths), in the order given, each atomically; missing ones, and
         ones the URI holds in this version already, are skipped."""
@@ -172,14 +179,6 @@ class RunStore:
             if mtime is not None:
                 os.utime(local, ns=(mtime, mtime))
 
-    def push_fold(self, model_id: str, fold: int) -> None:
-        self.push(*(f"models/{model_id}/fold{fold}/{name}" for name in FOLD_FILES))
-
-    def push_model(self, model_id: str, k: int) -> None:
-        """What mark_complete and finalize_model wrote: fold metrics, then the model's OOF and config."""
-        self.push(*(f"models/{model_id}/fold{f}/metrics.json" for f in range(k)),
-                  f"models/{model_id}/config.json", f"models/{model_id}/oof.parquet")
-
 
 def _same(local: Path, remote) -> bool:
     """The local file is the URI's version (same size, and the mtime pull/push gave it)."""
@@ -187,25 +186,3 @@ def _same(local: Path, remote) -> bool:
         return False
     stat = local.stat()
     return stat.st_size == remote.size and stat.st_mtime_ns == remote.mtime_ns
-
-
-@contextlib.contextmanager
-def open_run(location: str | os.PathLike) -> Iterator[tuple[Path, RunStore | None]]:
-    """(local run directory, store) for a driver: the directory itself, or for a URI a private scratch
-    directory (removed afterwards) and the store that fills it; pull what you read, push what you write."""
-    if not is_uri(location):
-        yield Path(location), None
-        return
-    scratch = Path(tempfile.mkdtemp(prefix="ensemble-run-"))
-    try:
-        store = RunStore(str(location), local=scratch)
-        try:
-            store.exists("")
-        except OSError as exc:  # no such bucket, no credentials, no network
-            from ensemble.errors import UserError
-
-            raise UserError(f"storage {location}: {exc}. Check the bucket name and the credentials "
-                            "(environment variables, instance role, or the URI's options).") from exc
-        yield scratch, store
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

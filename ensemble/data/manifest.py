@@ -15,6 +15,7 @@ no target. `read_manifest` validates everything up front and raises one
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -145,16 +146,96 @@ class Manifest:
         return Manifest(self.path, self.root, self.frame[mask].reset_index(drop=True), self.target, self.classes)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A CSV or Parquet file as strings (ids like '007' must stay '007')."""
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")  # pandas decompresses these itself
+# What a file that is not CSV text most likely is, from its first bytes, and what to do instead.
+_NOT_CSV = {
+    b"PAR1": ("a Parquet file", "name it .parquet"),
+    b"PK\x03\x04": ("a ZIP archive (an Excel .xlsx workbook?)", "export it as CSV UTF-8"),
+    b"\xd0\xcf\x11\xe0": ("an Excel .xls workbook", "export it as CSV UTF-8"),
+    b"\xff\xfe": ("UTF-16 text", "save it as CSV UTF-8"),
+    b"\xfe\xff": ("UTF-16 text", "save it as CSV UTF-8"),
+    b"\x89PNG": ("a PNG image", "point data.manifest at the CSV/Parquet file that lists the images"),
+    b"\xff\xd8\xff": ("a JPEG image", "point data.manifest at the CSV/Parquet file that lists the images"),
+    b"GIF8": ("a GIF image", "point data.manifest at the CSV/Parquet file that lists the images"),
+    b"%PDF": ("a PDF document", "give the CSV/Parquet manifest"),
+    b"\x1f\x8b": ("a gzip archive", "name it .csv.gz"),
+}
+
+
+def _sniff(head: bytes) -> tuple[str, str] | None:
+    """(what the file looks like, the fix) when its first bytes are not plain text; None for text."""
+    for magic, found in _NOT_CSV.items():
+        if head.startswith(magic):
+            return found
+    return ("binary data", "give the CSV/Parquet manifest") if b"\x00" in head else None
+
+
+def _table_kind(path: Path) -> str:
+    """'Parquet' or 'CSV', after checking that `path` is a file that may hold one (pandas' own
+    errors for a PNG or an .xlsx named .csv are codec errors that do not say what is wrong)."""
     if not path.exists():
         raise UserError(f"{path}: file not found.")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; a manifest is a CSV or Parquet file.")
+    kind = "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read: {exc.strerror or exc}.") from None
+    if not head:
+        raise UserError(f"{path}: the file is empty (0 bytes); a manifest is CSV text with a header line "
+                        "such as 'id,image,label' and one row per image, or a Parquet file.")
+    found = _sniff(head)
+    if kind == "Parquet" and not head.startswith(b"PAR1"):
+        what, _ = found or ("text (CSV?)", "")
+        raise UserError(f"{path}: cannot be read as Parquet: it looks like {what}, not a Parquet file "
+                        f"(which starts with 'PAR1'). Name a CSV file .csv, or write it with DataFrame.to_parquet.")
+    if kind == "CSV" and found and path.suffix.lower() not in COMPRESSED_SUFFIXES:
+        what, fix = found
+        raise UserError(f"{path}: cannot be read as CSV: it looks like {what} (first bytes {head[:8]!r}), "
+                        f"not CSV text; {fix}.")
+    return kind
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet file as strings (ids like '007' must stay '007')."""
+    kind = _table_kind(path)
+    try:
+        if kind == "Parquet":
             return pd.read_parquet(path).astype({c: "string" for c in ("id", "image")}, errors="ignore")
         return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path}: cannot be read as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: {exc}") from exc
+        raise UserError(f"{path}: cannot be read as {kind}: {exc}") from exc
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> UserError:
+    return UserError(f"{path}: cannot be read as CSV: it is not UTF-8 text ({exc.reason}); "
+                     "save it as CSV UTF-8 (Excel: Save As > CSV UTF-8).")
+
+
+def read_columns(path: str | os.PathLike) -> tuple[str, ...]:
+    """The column names from the header alone: a space file is checked without reading its data."""
+    path = Path(path)
+    kind = _table_kind(path)
+    try:
+        if kind == "Parquet":
+            import pyarrow.parquet as pq
+
+            return tuple(pq.read_schema(path).names)
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
+            header = next((row for row in csv.reader(f) if any(cell.strip() for cell in row)), None)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
+    except (OSError, ValueError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot be read as {kind}: {exc}") from None
+    if header is None:
+        raise UserError(f"{path}: no header line, only blank lines; a CSV manifest starts with a header "
+                        "such as 'id,image,label'.")
+    return tuple(header)
 
 
 def read_manifest(
@@ -183,6 +264,9 @@ def read_manifest(
     root = Path(root) if root is not None else path.parent
     frame = read_table(path)
     _require_columns(frame, ["id", "image"], path)
+    if frame.empty:  # a header alone would fail far later, e.g. in numpy on an empty target matrix
+        raise UserError(f"{path}: no data rows, only the header {list(frame.columns)}; "
+                        "a manifest needs one row per image.")
     if require_target:
         target = target or resolve_target(frame.columns, source=str(path))
         _require_columns(frame, [target.column], path)

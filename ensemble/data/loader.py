@@ -18,11 +18,10 @@ import cv2
 import numpy as np
 import torch
 
-from ensemble import views as views_mod
-from ensemble.data import BAD_IMAGE_POLICIES, BadImageError, decode_image
+from ensemble.data import views as views_mod
+from ensemble.data.manifest import BAD_IMAGE_POLICIES, BadImageError, decode_image
 from ensemble.errors import UserError
 from ensemble.io import atomic_path
-
 
 # --------------------------------------------------------------------------- normalisation
 
@@ -88,6 +87,13 @@ class DecodedCache:
         for target, sub_shape in ((self.path.with_suffix(".filled.npy"), shape[:1]), (self.path, shape)):
             with atomic_path(target) as tmp:
                 np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=sub_shape).flush()
+                # Reserve the blocks now: a sparse file on a full disk would fail later, inside a write to
+                # the memory map (SIGBUS, a dead worker); here it is an OSError naming the file.
+                with open(tmp, "r+b") as f:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+                    except OSError as exc:
+                        raise OSError(exc.errno, exc.strerror, str(target)) from None
 
     def get(self, i: int) -> np.ndarray | None:
         return np.array(self.pixels[i]) if self.filled[i] else None

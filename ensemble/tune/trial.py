@@ -9,7 +9,7 @@ the trial reports epoch e to Tune once every fold has finished epoch e, with the
 folds' mean metric. ASHA and early stopping therefore decide per param set; when
 they stop a model, its fold tasks are cancelled together.
 
-With URI storage (`ensemble.storage`) a fold task works in its node's mirror:
+With URI storage (`ensemble.run.storage`) a fold task works in its node's mirror:
 it makes its fold directory equal to the URI's, then pushes its files after
 every epoch. The trial works in a private scratch directory: it pulls the
 folds' metrics.json while it waits and pushes what it writes at the end.
@@ -17,35 +17,30 @@ folds' metrics.json while it waits and pushes what it writes at the end.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from ensemble.artifacts import STATUS_FILE, finalize_model, is_better, mark_complete, read_metrics, total_epochs
-from ensemble.io import write_json
-from ensemble.storage import ARTIFACTS, RunStore, open_run
+from ensemble.metrics import is_better
+from ensemble.run import Run, open_run, total_epochs
 
 POLL_SECONDS = 0.5
 
 
-def _fold_task(config: dict, fold: int, run_dir: str, epochs: int, storage: str | None = None) -> dict:
-    from ensemble.train import train_until  # torch + timm: imported in the fold worker only
+def _fold_task(config: dict, fold: int, location: str, epochs: int) -> dict:
+    from ensemble.tune.train import train_until  # torch + timm: imported in the fold worker only
 
+    run = Run.on_node(location)  # the directory itself, or this node's mirror of a URI run
     after_epoch = None
-    if storage:  # this node's mirror: the fold's checkpoint from the URI, and every epoch back to it
-        store = RunStore(storage)
-        run_dir = store.local
-        store.pull("folds.csv")
-        store.pull(f"models/{config['model_id']}/fold{fold}", exact=True)  # never a stale local checkpoint
-        after_epoch = lambda: store.push_fold(config["model_id"], fold)  # noqa: E731
-    return train_until(config, fold, run_dir, epochs, cpus=config["resources"].get("cpu", 1),
-                       after_epoch=after_epoch)
+    if run.store:  # the fold's checkpoint from the URI, and every epoch back to it
+        run.pull(run.folds_file)
+        run.pull(run.fold_dir(config["model_id"], fold), exact=True)  # never a stale local checkpoint
+        after_epoch = lambda: run.push_fold(config["model_id"], fold)  # noqa: E731
+    return train_until(config, fold, run, epochs, cpus=config["resources"].get("cpu", 1), after_epoch=after_epoch)
 
 
 def _warm_up() -> None:
-    import ensemble.train  # noqa: F401  (torch + timm: ~4 s of imports)
+    import ensemble.tune.train  # noqa: F401  (torch + timm: ~4 s of imports)
 
 
 def warm_up_workers(resources: dict, slots: int) -> list:
@@ -93,19 +88,18 @@ def fold_task(resources: dict):
 
 def run_model(tune_config: dict) -> None:
     """The Tune trainable: train every fold of one model, report the folds' mean metric per epoch."""
-    with open_run(tune_config.get("storage") or tune_config["run_dir"]) as (run_dir, store):
-        if store:
-            store.pull("folds.csv")
-            store.pull(f"models/{tune_config['model_id']}", only=ARTIFACTS)
-        _train_model(tune_config, run_dir, store)
+    with open_run(tune_config["run"]) as run:  # a URI run: a private scratch copy of what the trial reads
+        run.pull(run.folds_file)
+        run.pull_artifacts(run.model_dir(tune_config["model_id"]))
+        _train_model(tune_config, run)
 
 
-def _train_model(tune_config: dict, run_dir: Path, store: RunStore | None) -> None:
+def _train_model(tune_config: dict, run: Run) -> None:
     import ray
     from ray import tune
 
     model_id = tune_config["model_id"]
-    config = json.loads((run_dir / "models" / model_id / "config.json").read_text())
+    config = run.read_config(model_id)
     # Resources come from this launch, not config.json: a resumed sweep may run on other hardware.
     config["resources"] = tune_config["resources"]
     k, epochs, metric, mode = config["k"], total_epochs(config), config["metric"], config["mode"]
@@ -114,13 +108,13 @@ def _train_model(tune_config: dict, run_dir: Path, store: RunStore | None) -> No
     task = fold_task(config["resources"])
     pending = {}
     for fold in range(k):
-        m = read_metrics(run_dir, config["model_id"], fold)
+        m = run.read_metrics(model_id, fold)
         if not (m and m["complete"]):
-            pending[fold] = task.remote(config, fold, str(run_dir), epochs, store and store.uri)
+            pending[fold] = task.remote(config, fold, run.location, epochs)
     best, since_best = None, 0
     try:
         for epoch in range(1, epochs + 1):
-            rows = _wait_for_epoch(run_dir, config["model_id"], k, epoch, pending, store)
+            rows = _wait_for_epoch(run, model_id, k, epoch, pending)
             score = float(np.mean([r[metric] for r in rows]))
             if best is None or is_better(score, best, mode):
                 best, since_best = score, 0
@@ -133,30 +127,27 @@ def _train_model(tune_config: dict, run_dir: Path, store: RunStore | None) -> No
                 else:  # let the tasks return normally: a warm worker is worth keeping
                     ray.get(list(pending.values()))
                     pending.clear()
-                if store:
-                    store.pull(f"models/{model_id}", only=ARTIFACTS)  # the folds' oof.parquet
+                run.pull_artifacts(run.model_dir(model_id))  # the folds' oof.parquet (a URI run)
                 for fold in range(k):
-                    mark_complete(run_dir, config["model_id"], fold,
-                                  stopped=f"early stop after epoch {epoch}" if stop else None)
-                finalize_model(config, run_dir)
-                if store:
-                    store.push_model(model_id, k)
-            tune.report({metric: score, "epoch": epoch, **{f"fold{f}_{metric}": r[metric] for f, r in enumerate(rows)}})
+                    run.mark_complete(model_id, fold, stopped=f"early stop after epoch {epoch}" if stop else None)
+                run.finalize_model(config)
+                run.push_model(model_id, k)
+            tune.report({metric: score, "epoch": epoch, "stopped_early": stop,
+                         **{f"fold{f}_{metric}": r[metric] for f, r in enumerate(rows)}})
             if stop:
                 return
     finally:
         _cancel(pending)  # stopped by the scheduler (ASHA) or failing: no orphaned fold tasks
 
 
-def _wait_for_epoch(run_dir: Path, model_id: str, k: int, epoch: int, pending: dict,
-                    store: RunStore | None = None) -> list[dict]:
+def _wait_for_epoch(run: Run, model_id: str, k: int, epoch: int, pending: dict) -> list[dict]:
     """Block until every fold has finished `epoch`; a failed fold task raises here."""
     import ray
 
     while True:
-        for f in range(k if store else 0):
-            store.pull(f"models/{model_id}/fold{f}/metrics.json")
-        metrics = [read_metrics(run_dir, model_id, f) for f in range(k)]
+        for f in range(k if run.store else 0):
+            run.pull(run.fold_dir(model_id, f) / "metrics.json")
+        metrics = [run.read_metrics(model_id, f) for f in range(k)]
         if all(m is not None and m["epochs"] >= epoch for m in metrics):
             return [m["history"][epoch - 1] for m in metrics]
         refs = list(pending.values())
@@ -183,18 +174,14 @@ def _cancel(pending: dict, wait: float = 0.0) -> None:
     pending.clear()
 
 
-def pruned_callback(run_dir: Path, store: RunStore | None = None):
-    """A Tune callback that records models the scheduler stopped, so --resume does not retrain them."""
+def pruned_callback(run: Run):
+    """A Tune callback (in the driver) that records models the scheduler stopped, so --resume does not retrain them."""
     from ray import tune
 
     class MarkPruned(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            model_dir = run_dir / "models" / trial.config["model_id"]
-            rel = f"models/{trial.config['model_id']}/oof.parquet"
-            if not (store.exists(rel) if store else (model_dir / "oof.parquet").exists()):
-                write_json({"state": "pruned", "epoch": (trial.last_result or {}).get("epoch")},
-                           model_dir / STATUS_FILE)
-                if store:
-                    store.push(f"models/{trial.config['model_id']}/{STATUS_FILE}")
+            model_id = trial.config["model_id"]
+            if not run.exists(run.model_dir(model_id) / "oof.parquet"):
+                run.mark_pruned(model_id, (trial.last_result or {}).get("epoch"))
 
     return MarkPruned()

@@ -1,7 +1,7 @@
 """Train one fold of one model: epochs in stages, a checkpoint every epoch, best-epoch OOF.
 
-No Ray here. The sweep (`ensemble.tune`) calls `train_until` from Ray tasks, one
-epoch at a time for every fold of a model; `train_fold` runs the same code in a
+No Ray here. The sweep's fold tasks (`ensemble.tune.trial`) call `train_until`,
+which trains a fold through its epochs; `train_fold` runs the same code in a
 plain loop for debugging. Everything a fold needs to continue lives in its
 folder, so a resumed fold equals an uninterrupted one:
 
@@ -31,12 +31,12 @@ import timm.optim
 import timm.scheduler
 import torch
 
-from ensemble import metrics as metrics_mod
-from ensemble.artifacts import fold_dir, is_better, mark_complete, read_metrics, stage_of, total_epochs
-from ensemble.data import Target, encode_targets, read_manifest
+from ensemble.data.loader import DecodedCache, ImageDataset, cache_path, create_loader, normalize_batch
+from ensemble.data.manifest import Target, encode_targets, read_manifest
 from ensemble.io import atomic_path, write_json, write_parquet
-from ensemble.loader import DecodedCache, ImageDataset, cache_path, create_loader, normalize_batch
+from ensemble.metrics import METRICS, is_better, task_metrics
 from ensemble.models import create_model, frozen_bn_eval, set_backbone_frozen
+from ensemble.run import Run, stage_of, total_epochs
 
 
 @dataclass
@@ -57,10 +57,11 @@ def _seed(*parts: int) -> int:
 class FoldTrainer:
     """The state of one fold in training; `restore` continues from its last.pt."""
 
-    def __init__(self, config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: float = 1.0,
+    def __init__(self, config: dict, fold: int, run: Run | str | os.PathLike, *, cpus: float = 1.0,
                  device: str | None = None):
-        self.config, self.fold, self.run_dir = config, fold, Path(run_dir)
-        self.dir = fold_dir(self.run_dir, config["model_id"], fold)
+        self.config, self.fold = config, fold
+        self.run = run if isinstance(run, Run) else Run(run)
+        self.dir = self.run.fold_dir(config["model_id"], fold)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cpus = cpus
         # Threads = this fold's CPU share: 2 cores shared by 4 processes x N threads crawl.
@@ -87,7 +88,7 @@ class FoldTrainer:
         # Validated once at launch: here only the rows of folds.csv, in its order.
         manifest = read_manifest(data["manifest"], data["root"], target=target, classes=self.config["classes"],
                                  check_images="none")
-        folds = pd.read_csv(self.run_dir / "folds.csv", dtype={"id": str})
+        folds = pd.read_csv(self.run.folds_file, dtype={"id": str})
         frame = manifest.frame.set_index("id").loc[folds["id"]].reset_index()
         paths = [str(Path(data["root"]) / p) for p in frame["image"]]
         y = encode_targets(frame, target, self.config["classes"])
@@ -103,7 +104,7 @@ class FoldTrainer:
         preprocess = stage.get("preprocess", data["preprocess"])
         cache = None
         if data.get("cache", True):  # keyed by all of folds.csv's images: shared by every fold and model
-            cache = DecodedCache(cache_path(self.run_dir / "cache", self.paths, size, preprocess), len(self.paths), size)
+            cache = DecodedCache(cache_path(self.run.cache_dir, self.paths, size, preprocess), len(self.paths), size)
         return ImageDataset([self.paths[i] for i in rows], y, size, preprocess=preprocess, cache=cache, cache_rows=rows,
                             augment=stage.get("augment", data["augment"]) if train else None,
                             on_bad_image=data.get("on_bad_image", "raise"), seed=self.config["seed"])
@@ -151,7 +152,7 @@ class FoldTrainer:
         self.model.load_state_dict(state["model"])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.skipped_ids = set(state["skipped_ids"])
-        if (read_metrics(self.run_dir, self.config["model_id"], self.fold) or {}).get("epochs", -1) < self.epoch:
+        if (self.run.read_metrics(self.config["model_id"], self.fold) or {}).get("epochs", -1) < self.epoch:
             # A crash between last.pt and metrics.json: make metrics.json tell the epoch the checkpoint holds.
             self._write_metrics(complete=self.epoch >= total_epochs(self.config))
         if self.epoch < total_epochs(self.config):
@@ -249,10 +250,10 @@ class FoldTrainer:
         return proba, sum(losses) / max(sum(len(o[0]) for o in outputs), 1)
 
     def score(self, proba: np.ndarray) -> dict:
+        """Every metric a sweep of this task may monitor (ensemble.metrics.task_metrics)."""
         ok = ~np.isnan(proba).any(axis=1)  # rows skipped as unreadable images are not scored
-        names = ["log_loss", "accuracy"] if self.config["task"] == "multiclass" else ["f2", "map"]
         task = self.config["task"]
-        return {name: float(metrics_mod.METRICS[name](self.y_valid[ok], proba[ok], task)) for name in names}
+        return {name: float(METRICS[name](self.y_valid[ok], proba[ok], task)) for name in task_metrics(task)}
 
     def _write_best(self, proba: np.ndarray) -> None:
         with atomic_path(self.dir / "weights.pt") as tmp:
@@ -267,14 +268,14 @@ class FoldTrainer:
 
 
 
-def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int, *, cpus: float = 1.0,
+def train_until(config: dict, fold: int, run: Run | str | os.PathLike, epoch: int, *, cpus: float = 1.0,
                 after_epoch: Callable[[], None] | None = None) -> dict:
     """Bring a fold to `epoch` finished epochs (from its checkpoint); return that epoch's metrics.
 
     The sweep's fold task: one call trains a fold through all its epochs, so the
     model, data and worker process stay warm between epochs. `after_epoch` runs
     once each epoch's files are written (URI storage uploads them)."""
-    trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
+    trainer = FoldTrainer(config, fold, run, cpus=cpus)
     if trainer.restore() and after_epoch:
         after_epoch()  # the restored epoch's files, e.g. a metrics.json that lagged behind last.pt
     while trainer.epoch < epoch:
@@ -284,12 +285,12 @@ def train_until(config: dict, fold: int, run_dir: str | os.PathLike, epoch: int,
     return dict(trainer.history[epoch - 1], fold=fold)
 
 
-def train_fold(config: dict, fold: int, run_dir: str | os.PathLike, *, cpus: float = 1.0) -> FoldResult:
+def train_fold(config: dict, fold: int, run: Run | str | os.PathLike, *, cpus: float = 1.0) -> FoldResult:
     """All epochs of one fold in this process (no Ray): the debugging path."""
-    trainer = FoldTrainer(config, fold, run_dir, cpus=cpus)
+    trainer = FoldTrainer(config, fold, run, cpus=cpus)
     trainer.restore()
     while trainer.epoch < total_epochs(config):
         trainer.train_epoch()
-    mark_complete(run_dir, config["model_id"], fold)
+    trainer.run.mark_complete(config["model_id"], fold)
     return FoldResult(config["model_id"], fold, trainer.best["epoch"], trainer.best["score"], config["metric"],
                       trainer.epoch, True)

@@ -25,7 +25,8 @@ _GROUP_KFOLD_SHUFFLES = "shuffle" in inspect.signature(GroupKFold).parameters
 
 
 def make_folds(
-    y: np.ndarray, k: int, strategy: str, seed: int, groups: np.ndarray | None = None
+    y: np.ndarray, k: int, strategy: str, seed: int, groups: np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Fold index in [0, k) for every row.
 
@@ -37,6 +38,7 @@ def make_folds(
         seed: the same seed gives the same folds; another seed gives other folds.
         groups: one group id per row (a subject, a writer); required by 'group' and
             'stratified_group', whose folds never split a group.
+        classes: class names, when y holds class indices: errors name the class, not its index.
 
     Returns:
         int64 array (n,) of fold indices; every fold holds at least one row.
@@ -60,7 +62,7 @@ def make_folds(
     if strategy in ("group", "stratified_group"):
         groups = _check_groups(groups, len(y), k, strategy)
     if strategy in ("stratified", "stratified_group"):
-        _check_class_counts(target, k, strategy)
+        _check_class_counts(target, k, strategy, classes)
 
     if strategy == "stratified_group":
         folds = _stratified_group_folds(target, groups, k, seed)
@@ -154,16 +156,18 @@ def _check_groups(groups: np.ndarray | None, n_rows: int, k: int, strategy: str)
     return groups
 
 
-def _check_class_counts(target: np.ndarray, k: int, strategy: str) -> None:
+def _check_class_counts(target: np.ndarray, k: int, strategy: str, names: Sequence[str] | None = None) -> None:
     classes, counts = np.unique(target, return_counts=True)
     smallest = int(np.argmin(counts))
     if k > counts[smallest]:
+        label = classes[smallest].item()
+        label = names[label] if names is not None and isinstance(label, int) else label
         count = int(counts[smallest])
         fallback = "'group'" if strategy == "stratified_group" else "'kfold'"
         fix = f"Use k<={count}" if count >= 2 else "Merge or drop that class"
         raise UserError(
             f"The 'k' parameter must be at most the smallest class count for strategy {strategy!r}: "
-            f"class {classes[smallest].item()!r} has only {count} row{'s' * (count != 1)}, k={k}. "
+            f"class {label!r} has only {count} row{'s' * (count != 1)}, k={k}. "
             f"{fix}, or strategy {fallback}."
         )
 

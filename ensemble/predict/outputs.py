@@ -1,0 +1,104 @@
+"""A model's prediction files, written as one complete set: predict.json last, removed first.
+
+  oof_tta.parquet   oof.parquet's ids, order and columns; each held-out row predicted with TTA
+                    by its own fold's model
+  test.parquet      id + classes: the mean of the k fold models' TTA predictions, in the test
+                    manifest's order
+  predict.json      the views and merge rule used, the OOF scores; its presence marks the set
+                    complete (a crash mid-write leaves no predict.json, so the model is redone)
+  oof_views.parquet, test_views.parquet   with --per-view
+  submission.csv    with --submission
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ensemble.errors import UserError
+from ensemble.io import write_csv, write_json, write_parquet
+from ensemble.metrics import METRICS
+from ensemble.predict.plan import ModelPlan
+from ensemble.predict.tta import view_names
+from ensemble.run import Run
+from ensemble.run.layout import PREDICT_FILES
+
+
+def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
+    """Write one model's files, each atomically, predict.json last; return OOF scores (without TTA, with it, per view)."""
+    config, classes, k = plan.config, plan.config["classes"], plan.config["k"]
+    order = pd.Index([i for f in range(k) for i in plan.fold_ids[f]]).get_indexer(plan.oof["id"])
+    oof_tta = plan.oof[["id", "fold"]].copy()
+    # Unreadable images (on_bad_image: skip) came back NaN: a held-out row keeps its training-time OOF
+    # value (itself the prior for an image that never decoded), a test row gets the model's mean OOF.
+    proba = np.concatenate([results[f, "oof", "proba"] for f in range(k)])[order]
+    unreadable = {"oof": int(np.isnan(proba).any(1).sum())}
+    oof_tta[classes] = np.where(np.isnan(proba), plan.oof[classes].to_numpy(), proba)
+    files = {"oof_tta.parquet": oof_tta}
+    if plan.test_ids is not None:  # the mean of the k fold models
+        mean = np.mean([results[f, "test", "proba"] for f in range(k)], axis=0, dtype=np.float64)
+        unreadable["test"] = int(np.isnan(mean).any(1).sum())
+        mean = np.where(np.isnan(mean), plan.oof[classes].to_numpy().mean(0), mean)
+        test = pd.DataFrame(mean, columns=classes)
+        files["test.parquet"] = pd.concat([pd.DataFrame({"id": plan.test_ids}), test.astype(np.float32)], axis=1)
+    if any(unreadable.values()):
+        print(f"{plan.model_id}: unreadable images filled in (on_bad_image: skip): {unreadable}")
+    metric, task = METRICS[config["metric"]], config["task"]
+    scores = {f"oof {metric.name}": metric(plan.y_true, plan.oof[classes].to_numpy(), task),
+              f"oof_tta {metric.name}": metric(plan.y_true, oof_tta[classes].to_numpy(), task)}
+    job = plan.jobs[0, "oof"]
+    names = view_names(job.tta)
+    if job.per_view:
+        per_view = np.concatenate([results[f, "oof", "views"] for f in range(k)])[order]  # rows x V x C
+        per_view = np.where(np.isnan(per_view), oof_tta[classes].to_numpy()[:, None], per_view)
+        scores.update({f"view {name}": metric(plan.y_true, per_view[:, v], task) for v, name in enumerate(names)})
+        files["oof_views.parquet"] = _long(oof_tta[["id", "fold"]], per_view, names, classes)
+        if plan.test_ids is not None:
+            mean = np.mean([results[f, "test", "views"] for f in range(k)], axis=0, dtype=np.float64)
+            mean = np.where(np.isnan(mean), test.to_numpy()[:, None], mean)
+            files["test_views.parquet"] = _long(pd.DataFrame({"id": plan.test_ids}), mean.astype(np.float32), names, classes)
+    invalidate(run, plan.out_dir)
+    for name, frame in files.items():
+        write_parquet(frame, plan.out_dir / name)
+    write_json({"tta": job.tta, "views": names, "merge": job.merge, "forward_batch": job.batch * len(names),
+                "scores": scores, "unreadable": unreadable}, plan.out_dir / "predict.json")
+    return scores
+
+
+def invalidate(run: Run, out_dir) -> None:
+    """Remove predict.json, here and at the URI, before any file of a new set is written."""
+    marker = out_dir / "predict.json"
+    marker.unlink(missing_ok=True)
+    if run.store:
+        run.store.delete(run.rel(marker))
+
+
+def push_outputs(run: Run, out_dir) -> None:
+    """A model's outputs to the URI (nothing for a local run), predict.json last."""
+    run.push(*(out_dir / name for name in PREDICT_FILES))
+
+
+def _long(keys: pd.DataFrame, per_view: np.ndarray, names: list[str], classes: list[str]) -> pd.DataFrame:
+    """Rows x V x C probabilities as one row per (row, view): the key columns, view, classes."""
+    frame = keys.loc[keys.index.repeat(len(names))].reset_index(drop=True)
+    frame["view"] = np.tile(names, len(keys))
+    frame[classes] = per_view.reshape(-1, len(classes))
+    return frame
+
+
+def write_submission(run: Run, model_id: str, out_dir=None, threshold: float = 0.5):
+    """A Kaggle-style CSV of one model's test.parquet: id + class probabilities, or space-separated tags (multilabel)."""
+    config = run.read_config(model_id)
+    out_dir = out_dir or run.model_dir(model_id)
+    if not (out_dir / "test.parquet").exists():
+        raise UserError(f"{run.show(out_dir / 'test.parquet')} missing: the space has no test_manifest, or predict "
+                        "has not run.")
+    test = pd.read_parquet(out_dir / "test.parquet")
+    if config["task"] == "multilabel":
+        classes = np.array(config["classes"])
+        p = test[list(classes)].to_numpy()
+        hit = p >= threshold
+        hit[np.arange(len(p)), p.argmax(1)] |= ~hit.any(1)  # never an empty row: at least the likeliest tag
+        test = pd.DataFrame({"id": test["id"], config["target"]["column"]: [" ".join(classes[h]) for h in hit]})
+    write_csv(test, out_dir / "submission.csv")
+    return out_dir / "submission.csv"

@@ -1,0 +1,235 @@
+"""What to predict: every check before Ray starts, and one frozen job per (model, fold, split).
+
+A job holds run-relative paths (weights, decoded cache) and the run's location (an
+absolute directory or a URI); each process resolves them once against its own copy
+of the run (`Run.on_node`), so nothing depends on the working directory of the
+process that reads it (a Ray worker runs in the raylet's directory).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble.data import views as views_mod
+from ensemble.data.manifest import Target, encode_targets, read_manifest
+from ensemble.errors import UserError
+from ensemble.run import Run, stage_of
+from ensemble.run.layout import PREDICT_FILES
+
+SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fold model over one image list: everything a predictor needs, as plain values."""
+
+    key: tuple  # (model_id, fold, "oof" | "test")
+    run: str  # the run's location: an absolute directory or a URI
+    weights: str  # run-relative
+    cache: str | None  # run-relative decoded cache, or None
+    cache_n: int
+    cache_rows: tuple | None  # the held-out rows' rows in the sweep-wide cache
+    backbone: str
+    n_classes: int
+    dropout: float
+    drop_path: float
+    task: str
+    image_size: int
+    preprocess: str
+    tta: str
+    n_views: int
+    merge: str
+    per_view: bool
+    amp: bool
+    mean: tuple
+    std: tuple
+    on_bad_image: str
+    batch: int = 32  # images per loader batch: one forward pass of at most forward_batch images
+
+
+@dataclass
+class ModelPlan:
+    """One model to predict: a job per (fold, split) with the image paths it covers."""
+
+    model_id: str
+    config: dict
+    out_dir: Path  # models/<id>/, or predict-smoke/<id>/ under --smoke (Run.predict_dir)
+    oof: pd.DataFrame  # oof.parquet (its first rows per fold under --smoke): ids, order, no-TTA scores
+    y_true: np.ndarray  # oof's rows, encoded from folds.csv
+    fold_ids: dict[int, list[str]] = field(default_factory=dict)  # held-out ids per fold, in job row order
+    test_ids: list[str] | None = None
+    jobs: dict[tuple, Job] = field(default_factory=dict)  # (fold, "oof" | "test") -> job
+    paths: dict[tuple, list[str]] = field(default_factory=dict)  # (fold, split) -> absolute image paths
+
+
+def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, force=False,
+             smoke=False) -> tuple[list[ModelPlan], dict[str, str]]:
+    """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why)."""
+    run.check()
+    configs = run.configs()
+    complete = [m for m in configs if (run.model_dir(m) / "oof.parquet").exists()]
+    unknown = sorted(set(models or []) - set(complete))
+    if unknown:
+        raise UserError(f"--models: {unknown} are not complete models of {run.show()}; complete: {complete}.")
+    complete = [m for m in complete if not models or m in models]
+    if not complete:
+        raise UserError(f"{run.show()}: no complete model (one with oof.parquet, written when all its folds are "
+                        "trained); finish the sweep first (python -m ensemble.tune ... --resume).")
+    folds = read_run_folds(run, configs[complete[0]])
+    plans, skipped, manifests = [], {}, {}
+    for model_id in complete:
+        config = configs[model_id]
+        spec = tta or config["data"].get("tta") or "orig"
+        n_views = views_mod.count_views(spec)  # an unknown view: the registry's UserError
+        out_dir = run.predict_dir(model_id, smoke)
+        why = None if force or smoke else outputs_done(out_dir, config, spec, merge, per_view)
+        if why:
+            skipped[model_id] = why
+            continue
+        plans.append(_plan_model(run, config, folds, out_dir, spec, merge, per_view, n_views, smoke, manifests))
+    check_checkpoints(run, plans)
+    return plans, skipped
+
+
+def read_run_folds(run: Run, config: dict) -> pd.DataFrame:
+    """folds.csv indexed by id, its folds checked against the models' k (the same check as the stack's)."""
+    folds = pd.read_csv(run.folds_file, dtype={"id": str}, keep_default_na=False)
+    run.check_folds(pd.to_numeric(folds["fold"], errors="coerce"), config["k"])
+    return folds.set_index("id")
+
+
+def outputs_done(model_dir: Path, config: dict, spec: str, merge: str, per_view: bool) -> str | None:
+    """Why a model's outputs can be kept, or None when it must be predicted.
+
+    Complete means predict.json (written last) and every file it vouches for; with
+    --per-view, the per-view files too. Other views or merge: kept, with a note."""
+    needed = ["oof_tta.parquet"] + (["test.parquet"] if config["data"].get("test_manifest") else [])
+    if per_view:
+        needed += ["oof_views.parquet"] + (["test_views.parquet"] if config["data"].get("test_manifest") else [])
+    if not (model_dir / "predict.json").exists() or not all((model_dir / name).exists() for name in needed):
+        return None
+    done = json.loads((model_dir / "predict.json").read_text())
+    if (done.get("tta"), done.get("merge")) != (spec, merge):
+        return (f"outputs kept from tta {done.get('tta')!r}, merge {done.get('merge')!r} (asked {spec!r}, {merge!r}); "
+                "--force redoes them")
+    return "outputs complete"
+
+
+def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec: str, merge: str, per_view: bool,
+                n_views: int, smoke: bool, manifests: dict) -> ModelPlan:
+    model_id = config["model_id"]
+    oof = pd.read_parquet(run.model_dir(model_id) / "oof.parquet")
+    if smoke:
+        oof = oof.groupby("fold", sort=False).head(SMOKE_ROWS).reset_index(drop=True)
+    missing = oof["id"][~oof["id"].isin(folds.index)]
+    if len(missing):
+        raise UserError(f"{run.show(run.model_dir(model_id) / 'oof.parquet')}: {len(missing)} id(s) not in "
+                        f"folds.csv (first: {missing.head(5).tolist()}); the model was trained on another folds.csv: "
+                        "restore the run's own folds.csv.")
+    plan = ModelPlan(model_id, config, out_dir, oof, encode_targets(folds.loc[oof["id"]], config["target"], config["classes"]))
+    train, test = _manifests(config, manifests)
+    image_of = train.frame.set_index("id")["image"]
+    all_paths = [str(train.root / p) for p in image_of.loc[folds.index]]  # the sweep's cache holds these
+    if test is not None:
+        plan.test_ids = test.ids[: 2 * SMOKE_ROWS if smoke else None].tolist()
+    for k in range(config["k"]):
+        weights = run.fold_dir(model_id, k) / "weights.pt"
+        run.pull(weights)
+        if not weights.exists():
+            raise UserError(f"{run.show(weights)}: checkpoint missing, so fold {k} of {model_id} cannot be predicted. "
+                            "Resume the sweep to train it, or leave the model out with --models.")
+        plan.fold_ids[k] = oof["id"][oof["fold"] == k].tolist()
+        splits = {"oof": [str(train.root / p) for p in image_of.loc[plan.fold_ids[k]]]}
+        if test is not None:
+            splits["test"] = test.image_paths[: len(plan.test_ids)]
+        preprocess = _preprocess(run, config, k)
+        for split, paths in splits.items():
+            cache, cache_n, cache_rows = None, 0, None
+            if config["data"].get("cache", True) and not smoke:
+                from ensemble.data.loader import cache_path
+
+                # Held-out rows: the training's cache of all folds.csv images, at their rows there.
+                listed = all_paths if split == "oof" else paths
+                cache = run.rel(cache_path(run.cache_dir, listed, config["params"]["image_size"], preprocess))
+                cache_n = len(listed)
+                cache_rows = tuple(folds.index.get_indexer(plan.fold_ids[k]).tolist()) if split == "oof" else None
+            plan.jobs[k, split] = _job(config, (model_id, k, split), run, run.rel(weights), cache, cache_n, cache_rows,
+                                       preprocess, spec, n_views, merge, per_view)
+            plan.paths[k, split] = paths
+    return plan
+
+
+def _job(config: dict, key: tuple, run: Run, weights: str, cache, cache_n, cache_rows, preprocess: str, spec: str,
+         n_views: int, merge: str, per_view: bool) -> Job:
+    params, data = config["params"], config["data"]
+    return Job(key=key, run=run.location, weights=weights, cache=cache, cache_n=cache_n, cache_rows=cache_rows,
+               backbone=config["backbone"], n_classes=len(config["classes"]), dropout=params.get("dropout", 0.0),
+               drop_path=params.get("drop_path", 0.0), task=config["task"], image_size=params["image_size"],
+               preprocess=preprocess, tta=spec, n_views=n_views, merge=merge, per_view=per_view,
+               amp=params.get("amp", True), mean=tuple(data["normalize"]["mean"]), std=tuple(data["normalize"]["std"]),
+               on_bad_image=data.get("on_bad_image", "raise"))
+
+
+def _manifests(config: dict, seen: dict):
+    """The training and test manifests, every image checked to exist; read once per run."""
+    data = config["data"]
+    key = (data["manifest"], data["root"], data.get("test_manifest"))
+    if key not in seen:
+        train = read_manifest(data["manifest"], data["root"], target=Target(**config["target"]),
+                              classes=config["classes"], check_images="exists")
+        # Test image paths are relative to the space's root, as the training images are.
+        test = read_manifest(data["test_manifest"], data["root"], require_target=False,
+                             check_images="exists") if data.get("test_manifest") else None
+        seen[key] = (train, test)
+    return seen[key]
+
+
+def _preprocess(run: Run, config: dict, fold: int) -> str:
+    """The preprocessing of the stage the fold's best epoch came from (a stage may override data.preprocess)."""
+    best = (run.read_metrics(config["model_id"], fold) or {}).get("best_epoch")
+    stage = stage_of(config, best - 1)[1] if best else config["stages"][-1]
+    return stage.get("preprocess") or config["data"]["preprocess"]
+
+
+def build_model(job: Job):
+    """The job's architecture with fresh weights (on the current torch device context)."""
+    from ensemble.models import create_model
+
+    return create_model(job.backbone, job.n_classes, dropout=job.dropout, drop_path=job.drop_path)
+
+
+def check_checkpoints(run: Run, plans: list[ModelPlan]) -> None:
+    """Every weights.pt must fit its config (backbone, classes): compared on torch's meta device, no compute."""
+    if not plans:
+        return
+    import torch
+
+    for plan in plans:
+        job = plan.jobs[0, "oof"]
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(job).state_dict().items()}
+        for k in range(plan.config["k"]):
+            path = run.path(plan.jobs[k, "oof"].weights)
+            try:
+                found = {key: tuple(v.shape) for key, v in torch.load(path, weights_only=True, mmap=True).items()}
+            except Exception as exc:  # noqa: BLE001 - unpickling and zip errors come in many types
+                raise UserError(f"{run.show(path)}: not a readable state_dict ({type(exc).__name__}: {exc}); restore "
+                                "it or retrain the fold.") from None
+            wrong = [f"{key} is {found[key]} in the checkpoint, {shape} in the model" for key, shape in expected.items()
+                     if found.get(key, shape) != shape]
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            if wrong or missing or extra:
+                details = wrong[:2] + [f"missing keys {missing[:3]}"] * bool(missing) + [f"unexpected keys {extra[:3]}"] * bool(extra)
+                raise UserError(
+                    f"{run.show(path)}: does not fit {run.rel(run.model_dir(plan.model_id) / 'config.json')} (backbone {job.backbone!r}, "
+                    f"{job.n_classes} classes): {'; '.join(details)}. It comes from another space or run (classes or "
+                    "backbone differ): restore this model's own weights.pt or retrain it.")
+
+
+__all__ = ["Job", "ModelPlan", "PREDICT_FILES", "build_model", "check_checkpoints", "outputs_done", "plan_run",
+           "read_run_folds"]

@@ -1,0 +1,52 @@
+"""The stacking stage's command line: `python -m ensemble.stack --run runs/NAME [--method all] [--metric ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from ensemble.errors import cli_main
+from ensemble.metrics import METRICS
+from ensemble.run import locked, open_run
+from ensemble.stack.core import METHODS, MethodResult, print_summary, stack_run, write_ensemble
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ensemble.stack",
+                                description="Combine a run's out-of-fold predictions: greedy selection, thresholds, "
+                                            "meta-models, each scored under cross-validation.")
+    p.add_argument("--run", required=True, help="run directory (folds.csv, models/), or its URI (s3://..., file://...)")
+    p.add_argument("--method", default="all", choices=METHODS + ("all",), help="what to fit besides the baselines")
+    p.add_argument("--metric", help=f"{' | '.join(METRICS)} [the metric the sweep monitored]; with f2/fbeta "
+                                    "a multilabel run ranks every method after its own per-label thresholds")
+    p.add_argument("--beta", type=float, default=2.0, help="F-beta's beta for thresholds (and --metric fbeta)")
+    p.add_argument("--average", default="samples", help="F-beta averaging: samples | micro | macro")
+    p.add_argument("--iterations", type=int, default=50, help="greedy forward steps")
+    p.add_argument("--init-size", type=int, default=1, help="greedy: start from the best N models")
+    p.add_argument("--bagging", type=int, default=0, help="greedy: number of random model subsets (0 = off)")
+    p.add_argument("--extra-features", action="store_true", help="meta-models also see each model's entropy")
+    p.add_argument("--no-tta", action="store_true", help="use oof.parquet even where oof_tta.parquet exists")
+    p.add_argument("--skip-incomplete", action="store_true", help="leave out models with missing outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="quick: 10 greedy steps, at most 60 boosting rounds")
+    return p.parse_args(argv)
+
+
+def stack(args: argparse.Namespace, command: str = "python -m ensemble.stack") -> list[MethodResult]:
+    """Stack the run of `args.run`, write its ensemble/ and print the summary; returns the scores' rows."""
+    with open_run(args.run) as run:
+        run.check_writable()  # before minutes of fitting, not after
+        with locked(run, command):
+            run.pull_artifacts()  # the prediction files, into a scratch copy of a URI run
+            rows, winner, metric, data, files = stack_run(run, args)
+            write_ensemble(run, files)  # everything was built in memory first
+            print_summary(rows, winner, metric, data, run.show(run.ensemble_dir))
+    return rows
+
+
+@cli_main
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    stack(parse_args(argv), " ".join(["python -m ensemble.stack", *map(shlex.quote, argv)]))
+    return 0

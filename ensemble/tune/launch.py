@@ -1,0 +1,348 @@
+"""Launch a sweep: check everything, write the run's plan once, train every model on Ray Tune.
+
+  plan_sweep   everything that can be checked before the first write: the space against the run,
+               the data (every image), the folds, normalisation statistics, each model's config
+  write_plan   space.yaml, folds.csv and models/<id>/config.json: the run's frozen plan
+  run_sweep    lock the run, plan it, check the resources against the cluster, write the plan,
+               train the models still to train (`ensemble.tune.trial`), write leaderboard.csv
+
+How folds become a unit (docs/design.md has the measurements behind it): one Ray
+Tune trial per *model* (backbone + param set). The trial holds no CPU; it submits
+one Ray task per fold with the space's per-fold resources (`gpu: 0.5` packs two
+folds on a GPU) and reports the folds' mean metric to Tune each epoch, so ASHA and
+early stopping decide per param set, and the Ray scheduler fills every CPU/GPU of
+the cluster with the folds of all models in flight.
+
+Resume does not depend on Tune's experiment state (which breaks when a run
+directory moves): every fold continues from its own `last.pt`, and finished or
+pruned models are recognised from their own files (`ensemble.run`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ensemble.cluster import start_ray
+from ensemble.data import folds as folds_mod
+from ensemble.data.manifest import Manifest, Target, read_manifest, resolve_target
+from ensemble.errors import RunFailed, UserError
+from ensemble.io import write_csv
+from ensemble.run import Run, locked, open_run, total_epochs
+from ensemble.tune import spaces
+from ensemble.tune.progress import leaderboard, print_leaderboard
+
+
+class SweepFailed(RunFailed):
+    """Models failed after their retries; the finished ones are kept and --resume continues."""
+
+
+# --------------------------------------------------------------------------- plan: checks, no writes
+
+
+@dataclass
+class SweepPlan:
+    """What a launch will write and train, built before anything is written."""
+
+    space: spaces.Space
+    folds: pd.DataFrame  # folds.csv: id, fold, the target column (+ group)
+    configs: list[dict]  # one per model, as in models/<id>/config.json
+    searched: dict[str, dict]  # model_id -> its searched params (for the display and the leaderboard)
+    restart: bool = False  # an earlier launch wrote a plan but trained nothing: it is replaced
+
+
+def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> SweepPlan:
+    """Check the space against the run, read and check the data, make the folds and the model configs."""
+    restart = _check_relaunch(space, run, resume)
+    manifest, target = _read_training_manifest(space)
+    folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart)
+    configs, searched, stats = [], {}, {}
+    for spec in spaces.resolve_models(space):
+        searched[spec.model_id] = spec.searched
+        existing = run.model_dir(spec.model_id) / "config.json"
+        if existing.exists() and not restart:
+            configs.append(run.read_config(spec.model_id))
+        else:
+            configs.append(_model_config(space, spec, manifest, target, folds, stats))
+    return SweepPlan(space, folds, configs, searched, restart)
+
+
+def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
+    """Whether an existing plan is replaced; raises when the run holds trained epochs it would lose."""
+    if not run.space_file.exists():
+        if resume:
+            raise UserError(f"--resume: {run.show()} holds no sweep (no space.yaml). Drop --resume to start it.")
+        return False
+    trained = run.trained_epochs()
+    try:
+        spaces.check_frozen(space, run.dir)
+        changed = None
+    except UserError as exc:
+        changed = exc
+    if resume and changed is None:
+        return False
+    if trained and not resume:
+        raise UserError(f"{run.show()} already holds a sweep ({trained} fold-epoch(s) trained). Continue it with "
+                        "--resume, or start another with --name NEW_NAME."
+                        + (" (Its space differs from this one, so --resume would refuse it.)" if changed else ""))
+    if trained:
+        raise UserError(f"{changed} (Only a run in which no fold has finished an epoch may start again with "
+                        f"another space; this one has {trained} fold-epoch(s) trained.)")
+    print(f"note: {run.show()} holds a sweep in which no fold has finished an epoch; starting it again"
+          + (" with the space as it is now." if changed else "."))
+    return True
+
+
+def _read_training_manifest(space: spaces.Space) -> tuple[Manifest, Target]:
+    data = space.data
+    columns = read_manifest(space.manifest_path, check_images="none", require_target=False).frame.columns
+    target = resolve_target(columns, form=data.target.form, column=data.target.column,
+                            maybe_weight=data.target.maybe_weight, source=str(space.manifest_path))
+    manifest = read_manifest(space.manifest_path, space.root_path, target=target, classes=data.classes,
+                             check_images=data.check_images, on_bad_image=data.on_bad_image)
+    return manifest, target
+
+
+def _folds_frame(space: spaces.Space, manifest: Manifest, target: Target, run: Run, smoke: bool,
+                 reuse: bool) -> pd.DataFrame:
+    """folds.csv: made once per sweep, reused on resume (its rows define the sweep's training set)."""
+    if reuse and run.folds_file.exists():
+        frame = pd.read_csv(run.folds_file, dtype=str, keep_default_na=False)
+        missing = sorted(set(frame["id"]) - set(manifest.frame["id"]))
+        if missing:
+            raise UserError(f"{run.show(run.folds_file)}: {len(missing)} ids are no longer in the manifest "
+                            f"{manifest.path} (first: {missing[:5]}); the data changed since the sweep started: "
+                            "use a new --name.")
+        frame["fold"] = frame["fold"].astype(int)
+        return frame
+    frame = manifest.frame
+    max_rows = space.smoke.max_rows if smoke else None
+    if max_rows and len(frame) > max_rows:
+        frame = frame.sample(n=max_rows, random_state=space.seed).reset_index(drop=True)
+    sub = manifest.subset(manifest.frame["id"].isin(frame["id"]))
+    y = sub.targets()
+    try:
+        fold = folds_mod.make_folds(y if target.task == "multilabel" else y.argmax(1), space.folds.k,
+                                    space.folds.strategy, space.folds.seed, groups=sub.groups, classes=sub.classes)
+    except UserError as exc:
+        raise UserError(f"{space.path}: 'folds.k' {space.folds.k} does not fit {manifest.path}: {exc}") from None
+    columns = ["id", target.column] + (["group"] if "group" in sub.frame else [])
+    out = sub.frame[columns].copy()
+    out.insert(1, "fold", fold)
+    return out
+
+
+def _model_config(space: spaces.Space, spec, manifest: Manifest, target: Target, folds: pd.DataFrame,
+                  stats: dict) -> dict:
+    """Everything a fold task needs to rebuild this model (written as models/<id>/config.json)."""
+    data = dict(space.data, manifest=str(manifest.path), root=str(manifest.root),
+                normalize=_normalization(space, spec, manifest, folds, stats),
+                test_manifest=str(space.test_manifest_path) if space.test_manifest_path else None)
+    return {
+        "model_id": spec.model_id, "backbone": spec.backbone, "params": spec.params, "searched": spec.searched,
+        "task": target.task, "classes": manifest.classes, "target": target.to_dict(),
+        "k": space.folds.k, "folds": dict(space.folds), "data": data, "stages": [dict(s) for s in space.stages],
+        "metric": space.metric, "mode": space.mode, "seed": space.seed,
+        "pretrained": space.pretrained, "weights": space.weights.get(spec.backbone),
+        "resources": dict(space.resources), "space": space.name,
+    }
+
+
+def _normalization(space: spaces.Space, spec, manifest: Manifest, folds: pd.DataFrame, stats: dict) -> dict:
+    norm = space.data.normalize
+    if isinstance(norm, dict):
+        return {"mean": list(norm["mean"]), "std": list(norm["std"])}
+    if norm == "dataset":
+        size = spec.params["image_size"]
+        if size not in stats:  # one pass per image size, shared by the models
+            stats[size] = _dataset_normalization(space, manifest, folds, size)
+        return stats[size]
+    from ensemble.models import backbone_normalization
+
+    mean, std = backbone_normalization(spec.backbone)
+    return {"mean": list(mean), "std": list(std)}
+
+
+def _dataset_normalization(space: spaces.Space, manifest: Manifest, folds: pd.DataFrame, size: int,
+                           sample: int = 512) -> dict:
+    """The training images' own mean and std, from a seeded sample (unreadable images left out under skip)."""
+    from ensemble.data.loader import ImageDataset, compute_normalization
+    from ensemble.data.manifest import BadImageError
+
+    rng = np.random.default_rng(space.seed)
+    ids = set(folds["id"])
+    paths = [p for p, i in zip(manifest.image_paths, manifest.frame["id"]) if i in ids]
+    picked = [paths[i] for i in sorted(rng.choice(len(paths), min(sample, len(paths)), replace=False))]
+    dataset = ImageDataset(picked, None, size, preprocess=space.data.preprocess, on_bad_image=space.data.on_bad_image)
+    images = []
+    for i in range(len(picked)):
+        try:
+            images.append(dataset.load(i))
+        except BadImageError:
+            if space.data.on_bad_image == "raise":
+                raise
+    if not images:
+        raise UserError(f"{manifest.path}: none of the {len(picked)} images sampled for 'normalize: dataset' "
+                        "decodes; fix the images, or give data.normalize explicitly.")
+    mean, std = compute_normalization(np.stack(images))
+    return {"mean": list(mean), "std": list(std)}
+
+
+def write_plan(plan: SweepPlan, run: Run) -> None:
+    """space.yaml, folds.csv and every model's config.json, each once (replaced only on a restart)."""
+    if plan.restart:
+        run.remove(run.space_file, run.folds_file, run.models_dir)  # a plan that trained nothing
+    spaces.freeze_space(plan.space, run.dir)
+    if not run.folds_file.exists():
+        write_csv(plan.folds, run.folds_file)
+    written = []
+    for config in plan.configs:
+        if not (run.model_dir(config["model_id"]) / "config.json").exists():
+            written.append(run.write_config(config))
+    run.push(run.space_file, run.folds_file, *written)
+
+
+def prepare_run(space: spaces.Space, location: str | Path, *, resume: bool = False, smoke: bool = False) -> list[dict]:
+    """Plan and write a local run without training it (`train_fold` then trains a fold in this process)."""
+    run = Run(location)
+    run.check_writable()
+    plan = plan_sweep(space, run, resume=resume, smoke=smoke)
+    write_plan(plan, run)
+    return plan.configs
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+def fold_slots(cluster: dict, resources: dict) -> int:
+    """How many folds the cluster runs at once with the space's per-fold resources."""
+    slots = math.floor(cluster.get("CPU", 1) / resources.get("cpu", 1) + 1e-9)
+    if resources.get("gpu", 0):
+        slots = min(slots, math.floor(cluster.get("GPU", 0) / resources["gpu"] + 1e-9))
+    if slots < 1:
+        have = {k: v for k, v in cluster.items() if k in ("CPU", "GPU")}
+        raise UserError(f"one fold needs {dict(resources)} but the Ray cluster has {have}: lower resources in the "
+                        "space file or --gpus-per-trial, or join a bigger cluster with --address. Nothing was written.")
+    return slots
+
+
+def concurrency(slots: int, k: int) -> int:
+    """Models in flight: enough folds to fill every slot, plus one model to fill the gaps."""
+    return math.ceil(slots / k) + 1
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(space: spaces.Space, location: str | Path, *, resume: bool = False, smoke: bool = False,
+              max_concurrent: int | None = None, address: str | None = None, verbose: int = 1,
+              command: str = "python -m ensemble.tune") -> pd.DataFrame:
+    """Launch (or resume) a sweep in `location` (a directory or a URI); return its leaderboard."""
+    with open_run(location) as run, _remove_if_empty(run):
+        run.check_writable()
+        with locked(run, command):
+            return _sweep(space, run, location, resume, smoke, max_concurrent, address, verbose)
+
+
+def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, verbose) -> pd.DataFrame:
+    """The locked part of run_sweep: plan, check the cluster, write the plan, train, leaderboard."""
+    run.pull_artifacts()
+    plan = plan_sweep(space, run, resume=resume, smoke=smoke)
+    states = {c["model_id"]: run.model_state(c["model_id"]) for c in plan.configs}
+    todo = [c for c in plan.configs if states[c["model_id"]] == "todo"]
+    if todo:  # the cluster can run a fold: checked before anything is written
+        start_ray(address, verbose)
+        import ray
+
+        fold_slots(ray.cluster_resources(), space.resources)
+    write_plan(plan, run)
+    for state in ("complete", "pruned"):
+        done = [m for m, s in states.items() if s == state]
+        if done:
+            print(f"{len(done)} model(s) already {state}, not run again: {', '.join(done)}")
+    if not todo:
+        print("Nothing to train: every model of this run is complete or pruned.")
+    if todo:
+        began = time.perf_counter()
+        errors = _tune(space, plan, todo, run, max_concurrent, verbose)
+        run.pull_artifacts()  # what the trials wrote, for the leaderboard
+        print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo) - len(errors)} of {len(todo)} "
+              "model(s) ran to the end (complete, pruned or stopped early).")
+        if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
+            print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
+        if errors:
+            raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
+                              + f". Fix the cause, then resume with: {resume_command(space, location)}")
+    board = leaderboard(run, plan.configs)
+    write_csv(board, run.leaderboard_file)
+    run.push(run.leaderboard_file)
+    return board
+
+
+@contextlib.contextmanager
+def _remove_if_empty(run: Run):
+    """A launch that fails before writing anything leaves no empty run directory behind."""
+    existed = run.dir.exists()
+    try:
+        yield
+    finally:
+        if not existed and not run.store:
+            with contextlib.suppress(OSError):
+                run.dir.rmdir()  # only when empty
+
+
+def resume_command(space: spaces.Space, location: str | Path) -> str:
+    from ensemble.run import split
+
+    parent, name = split(location)
+    return f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
+
+
+def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, max_concurrent: int | None,
+          verbose: int) -> list[str]:
+    """One Ray Tune run over the models still to train; returns an error line per model that failed."""
+    import ray
+    from ray import tune
+
+    from ensemble.tune.progress import SweepProgress
+    from ensemble.tune.trial import pruned_callback, run_model, warm_up_workers
+
+    slots = fold_slots(ray.cluster_resources(), space.resources)
+    limit = max_concurrent or space.max_concurrent or concurrency(slots, space.folds.k)
+    warm_up_workers(space.resources, slots)
+    scheduler = None
+    if space.scheduler.type == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", max_t=total_epochs(todo[0]), grace_period=space.scheduler.grace_period,
+            reduction_factor=space.scheduler.reduction_factor)
+    attempt = len(list(run.tune_dir.glob("attempt-*"))) + 1 if run.tune_dir.exists() else 1
+    if verbose < 2:  # Ray Tune's new output prints its header and a TensorBoard hint even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    callbacks = [pruned_callback(run)]
+    if verbose >= 1:
+        callbacks.append(SweepProgress(todo, plan.searched, space.metric, space.mode, run).callback())
+    tuner = tune.Tuner(
+        # The trial only waits on its folds: it holds no CPU (a token byte of memory, since Tune
+        # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
+        tune.with_resources(run_model, {"memory": 1}),
+        param_space={"run": run.location, "early_stopping": dict(space.early_stopping),
+                     "resources": dict(space.resources), "model_id": tune.grid_search([c["model_id"] for c in todo])},
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
+                                    max_concurrent_trials=limit, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"attempt-{attempt}", storage_path=str(run.tune_dir), verbose=max(0, verbose - 1),
+            failure_config=tune.FailureConfig(max_failures=space.max_failures), callbacks=callbacks),
+    )
+    results = tuner.fit()
+    return [f"{r.config['model_id']}: {str(r.error).splitlines()[-1][:300]}" for r in results if r.error]
+
+
+__all__ = ["SweepFailed", "SweepPlan", "concurrency", "fold_slots", "plan_sweep", "prepare_run", "print_leaderboard",
+           "run_sweep", "write_plan"]

@@ -1,0 +1,41 @@
+"""A tiny but real sweep for the tests of the tune package: a space over the first demo digits, and readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ensemble.run import Run
+
+
+def read_metrics(run, model_id, fold):
+    return Run(run).read_metrics(model_id, fold)
+
+
+def small_space(tmp_path: Path, demo_dir: Path, rows: int = 240, **overrides) -> Path:
+    """A space over the first `rows` demo digits: a tiny but real sweep."""
+    frame = pd.read_csv(demo_dir / "multiclass.csv").head(rows)
+    manifest = tmp_path / f"small{rows}.csv"
+    frame.to_csv(manifest, index=False)
+    space = {
+        "data": {"manifest": str(manifest), "root": str(demo_dir), "test_manifest": "demo:test",
+                 "preprocess": "pad", "augment": "shift:0.1", "tta": "orig", "normalize": "dataset"},
+        "folds": {"k": 2, "strategy": "stratified", "seed": 0},
+        "backbones": ["test_resnet"],
+        "params": {"lr": 3.0e-3, "batch_size": 32, "image_size": 32},
+        "epochs": 2,
+        "metric": "log_loss",
+        "resources": {"cpu": 1},
+        "max_failures": 1,
+    }
+    for key, value in overrides.items():
+        space[key] = value
+    path = tmp_path / f"space{rows}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def oof(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {p.parent.name: pd.read_parquet(p) for p in sorted((run_dir / "models").glob("*/oof.parquet"))}

@@ -1,0 +1,31 @@
+"""The `ensemble` console script: help, unknown commands, and each stage's own --help, as a user types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ensemble import cli
+
+ENSEMBLE = str(Path(sys.executable).parent / "ensemble")
+
+
+def test_help_exits_0_and_lists_the_stages(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ensemble {tune,predict,stack,demo}") and "python -m ensemble.predict" in out
+
+
+def test_no_or_an_unknown_command_is_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["tuen"]) == 2
+    assert "unknown command 'tuen'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["tune", "predict", "stack"])
+def test_each_stage_help_from_the_console_script(stage):
+    proc = subprocess.run([ENSEMBLE, stage, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and f"usage: python -m ensemble.{stage}" in proc.stdout, proc.stderr

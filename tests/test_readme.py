@@ -1,0 +1,78 @@
+"""Every command the README shows in a ```sh block runs exactly as typed, as a subprocess, and its library
+example (```python) runs too. They run in a scratch directory whose tune_spaces/demo.yaml is a smaller copy of
+the shipped demo space (find_space looks in ./tune_spaces first), with the demo data of this session: the same
+commands, in minutes instead of the full demo's. A README command that this file does not know how to check is
+a failure, so the two stay in sync."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+# What each command must print (besides exiting 0), by the start of the command line.
+EXPECT = {
+    "python -m ensemble.tune --space demo --name mine --resume": "Nothing to train",
+    "python -m ensemble.tune": "Leaderboard (log_loss",
+    "python -m ensemble.predict --run runs/mine --per-view": "view rotate:5",
+    "python -m ensemble.predict": "predicted 4 model(s)",
+    "python -m ensemble.stack": "winner:",
+    "python scripts/select_ensemble.py": "cross-validated over 3",
+    "ensemble stack": "greedy ",
+    "ensemble --help": "usage: ensemble {tune,predict,stack,demo}",
+}
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def readme_commands() -> list[str]:
+    return [line for block in readme_blocks("sh") for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_shows_commands_and_each_has_a_check():
+    commands = readme_commands()
+    assert len(commands) >= 6
+    for command in commands:
+        assert any(command.startswith(prefix) for prefix in EXPECT), f"no check for the README command {command!r}"
+
+
+def small_demo(cwd: Path, demo_dir: Path) -> None:
+    """tune_spaces/demo.yaml: the shipped demo space on 300 training and 200 test digits, 2 epochs."""
+    space = yaml.safe_load((REPO / "tune_spaces" / "demo.yaml").read_text())
+    pd.read_csv(demo_dir / "multiclass.csv").head(300).to_csv(cwd / "train.csv", index=False)
+    pd.read_csv(demo_dir / "test.csv").head(200).to_csv(cwd / "test.csv", index=False)
+    space["data"].update(manifest="../train.csv", test_manifest="../test.csv", root=str(demo_dir))
+    space["epochs"] = 2
+    (cwd / "tune_spaces").mkdir()
+    (cwd / "tune_spaces" / "demo.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+
+
+def test_every_readme_command_runs_as_typed(tmp_path, demo_dir):
+    small_demo(tmp_path, demo_dir)
+    (tmp_path / "scripts").symlink_to(REPO / "scripts")
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ["PATH"], ENSEMBLE_DATA_DIR=str(demo_dir),
+               RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    for command in readme_commands():
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{command}\n{out[-4000:]}"
+        assert "Traceback" not in out, f"{command}\n{out[-4000:]}"
+        expected = next(marker for prefix, marker in EXPECT.items() if command.startswith(prefix))
+        assert expected in out, f"{command}: expected {expected!r} in\n{out[-4000:]}"
+    for block in readme_blocks("python"):  # the library example, on the run the commands made
+        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"{block}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
