@@ -1,4 +1,8 @@
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,6 +13,8 @@ from ensemble.stack import cli as stack
 from ensemble.stack import meta
 from ensemble.stack.oof import load_run
 from ensemble.stack.thresholds import cross_val_thresholds
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +107,33 @@ def test_f2_methods_are_ranked_after_their_own_thresholds(tmp_path, capsys):
 def test_cli_rejects_bad_flags(mc_run, capsys):
     assert stack.main(["--run", str(mc_run), "--metric", "auc"]) == 2
     assert "'metric' parameter must be one of ['accuracy', 'f2', 'fbeta', 'log_loss', 'map']" in capsys.readouterr().err
+
+
+def _stack_cli(run: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ensemble.stack", "--run", str(run), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_full_or_read_only_disk_leaves_the_previous_stack_whole(mc_run, small_disk):
+    """ensemble/ is built beside the old one and swapped in: a disk that fills up mid-write leaves the old stack
+    complete (no mix of two stacks, no temporary directory), a read-only one is refused before any fitting."""
+    disk = small_disk("16m")
+    run = Path(shutil.copytree(mc_run, disk / "run"))
+    first = _stack_cli(run, "--method", "greedy", "--smoke")
+    assert first.returncode == 0, first.stderr
+    before = _tree(run / "ensemble")
+    small_disk.fill(disk, leave=64_000)  # the writability check passes; the meta-models' files do not fit
+    full = _stack_cli(run, "--method", "all", "--smoke")
+    assert full.returncode == 2 and full.stderr.count("\n") == 1 and "Traceback" not in full.stderr, full.stderr
+    assert "No space left on device" in full.stderr and "ensemble/ is unchanged" in full.stderr
+    assert _tree(run / "ensemble") == before
+    assert sorted(p.name for p in run.iterdir()) == sorted([p.name for p in mc_run.iterdir()] + ["ensemble"])
+    (disk / ".filler").unlink()
+    small_disk.read_only(disk)
+    ro = _stack_cli(run, "--method", "all", "--smoke")
+    assert ro.returncode == 2 and "cannot write here (Read-only file system)" in ro.stderr, ro.stderr
+    assert _tree(run / "ensemble") == before

@@ -324,6 +324,7 @@ def test_a_launch_the_cluster_cannot_run_writes_nothing_and_the_corrected_comman
     assert any("test_resnet lr=0.003" in line and "fold-epochs 2/4" in line for line in progress), good.stdout
     assert any("test_resnet lr=0.01" in line and "complete" in line for line in progress), good.stdout
     assert "Trial status" not in good.stdout and "Logical resource usage" not in good.stdout + good.stderr
+    assert f"tensorboard --logdir {storage / 'g' / 'tune'}" in good.stdout and "/tmp/ray/session" not in good.stdout
     board = pd.read_csv(storage / "g" / "leaderboard.csv")
     assert sorted(board["model"]) == ["test_resnet lr=0.003", "test_resnet lr=0.01"]
     assert set(board["state"]) == {"complete"} and {"fold0", "fold1", "mean", "std", "lr"} <= set(board.columns)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from ensemble.cluster import start_ray
 from ensemble.data import folds as folds_mod
-from ensemble.data.manifest import Manifest, Target, read_manifest, resolve_target
+from ensemble.data.manifest import Manifest, Target, read_manifest
 from ensemble.errors import RunFailed, UserError
 from ensemble.io import write_csv
 from ensemble.run import Run, locked, open_run, total_epochs
@@ -102,9 +102,7 @@ def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
 
 def _read_training_manifest(space: spaces.Space) -> tuple[Manifest, Target]:
     data = space.data
-    columns = read_manifest(space.manifest_path, check_images="none", require_target=False).frame.columns
-    target = resolve_target(columns, form=data.target.form, column=data.target.column,
-                            maybe_weight=data.target.maybe_weight, source=str(space.manifest_path))
+    target = Target(**data.target)  # resolved against the manifest's header when the space was loaded
     manifest = read_manifest(space.manifest_path, space.root_path, target=target, classes=data.classes,
                              check_images=data.check_images, on_bad_image=data.on_bad_image)
     return manifest, target
