@@ -10,7 +10,7 @@ import pytest
 # Never let a test reach for the model hub (no network here, and it would hang ~50 s).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# Mirrors of URI runs (ensemble.storage) go to a temporary directory, never the user's cache; set
+# Mirrors of URI runs (ensemble.run.storage) go to a temporary directory, never the user's cache; set
 # before Ray starts, so that its workers inherit it.
 os.environ.setdefault("ENSEMBLE_CACHE_DIR", tempfile.mkdtemp(prefix="ensemble-test-cache-"))
 

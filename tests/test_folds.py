@@ -1,4 +1,4 @@
-"""ensemble.folds on the real demo manifests (MNIST digits), plus small hand cases."""
+"""ensemble.data.folds on the real demo manifests (MNIST digits), plus small hand cases."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def demo(tmp_path_factory) -> dict[str, pd.DataFrame]:
     # Guard: stratification tests mean nothing on a single class.
     assert frames["multiclass"]["label"].nunique() == 10, (
         "the demo manifest must hold the 10 digits, got "
-        f"{frames['multiclass']['label'].value_counts().to_dict()} (see ensemble/datasets.py)"
+        f"{frames['multiclass']['label'].value_counts().to_dict()} (see ensemble/data/demo_data.py)"
     )
     return frames
 

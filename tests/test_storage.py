@@ -1,4 +1,4 @@
-"""Runs at a URI: the rules of ensemble.storage, on file:// URIs (pyarrow's LocalFileSystem) and one
+"""Runs at a URI: the rules of ensemble.run.storage, on file:// URIs (pyarrow's LocalFileSystem) and one
 unreachable s3:// endpoint (pyarrow's real S3 client, refused connection)."""
 
 from __future__ import annotations

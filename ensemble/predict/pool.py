@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -208,7 +209,9 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
     pool = ActorPool(actors)
     for item in items:
         pool.submit(lambda actor, it: actor.predict.remote(*it), item)
-    with tqdm(total=sum(e - s for *_, s, e in items), unit="img", disable=not progress, desc="predict") as bar:
+    # A bar on a terminal; in a log, its carriage returns would only clutter: a line per model is enough there.
+    with tqdm(total=sum(e - s for *_, s, e in items), unit="img", disable=not progress or not sys.stderr.isatty(),
+              desc="predict") as bar:
         while pool.has_next():
             try:
                 res = pool.get_next_unordered()
