@@ -1,12 +1,11 @@
-"""The schema of a space file: every key's default and check, and the keys that depend on other keys.
+"""The schema of a space file: every key's default and check.
 
-`check_space` runs two passes: `_walk` checks a parsed YAML mapping against
-SCHEMA, key by key, and fills the defaults; `_resolve` then settles what
-depends on several keys or on the data (relative paths, the target form read
-from the manifest's header, the fold strategy, the metric and its mode, the
-stages). Every complaint is one UserError
-naming the space file, the key, what was found and what would be accepted.
-`ensemble.tune.spaces` builds a `Space` from the result.
+`check_keys` checks a parsed YAML mapping against SCHEMA, key by key, and fills
+the defaults; every complaint is one UserError naming the space file, the key,
+what was found and what would be accepted. What depends on several keys or on
+the data (relative paths, the target form read from the manifest's header, the
+fold strategy, the metric and its mode, the stages) is settled by
+`ensemble.tune.spaces`, which builds a `Space` from the result.
 """
 
 from __future__ import annotations
@@ -17,20 +16,16 @@ import difflib
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from ensemble.data import views
-from ensemble.data.demo_data import VARIANTS
 from ensemble.data.folds import STRATEGIES
-from ensemble.data.manifest import BAD_IMAGE_POLICIES, FORMS, read_columns, resolve_target
+from ensemble.data.manifest import BAD_IMAGE_POLICIES, FORMS
 from ensemble.errors import UserError
-from ensemble.metrics import DEFAULT_METRIC, METRICS, task_metrics
+from ensemble.metrics import METRICS
 
 # timm.scheduler.create_scheduler_v2's names (timm has no function that lists them).
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "rsqrt", "constant", "none")
-DEMO_COLUMNS = {"multiclass": ("id", "image", "label"), "multilabel": ("id", "image", "tags"),
-                "grouped": ("id", "image", "label", "group"), "test": ("id", "image")}
 DOMAINS = {"grid": "[v1, v2, ...]", "choice": "[v1, v2, ...]", "uniform": "[low, high]", "loguniform": "[low, high]",
            "quniform": "[low, high, q]", "randint": "[low, high) (high excluded, as in Ray)"}
 REQUIRED, OMIT = object(), object()  # defaults: the key must be given / stays absent unless given
@@ -285,9 +280,9 @@ SCHEMA = {
 }
 
 
-def check_space(given: dict, file: str, folder: Path) -> dict:
-    """A parsed space file (`file` as messages name it, in `folder`) checked key by key, then across keys."""
-    return _resolve(_walk(SCHEMA, given, "", file), given, file, folder)
+def check_keys(given: dict, file: str) -> dict:
+    """A parsed space file (`file` as messages name it) checked key by key, every default filled in."""
+    return _walk(SCHEMA, given, "", file)
 
 
 def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
@@ -325,107 +320,3 @@ def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
             except ValueError as e:
                 raise UserError(f"{file}: '{here}' must be {e}; found {value!r}.") from None
     return out
-
-
-# --------------------------------------------------------------------------- keys that depend on other keys
-
-
-def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
-    def fail(message):
-        raise UserError(f"{file}: {message}")
-
-    data, folds, params = raw["data"], raw["folds"], raw["params"]
-    for key in ("manifest", "test_manifest", "root"):
-        data[key] = _resolve_path(data[key], f"data.{key}", folder, fail)
-    if data["root"] is None and not data["manifest"].startswith("demo:"):
-        data["root"] = str(Path(data["manifest"]).parent)
-    columns = _manifest_columns(data["manifest"], fail)
-    data["target"] = _resolve_target(data, columns, fail)
-    task = "multilabel" if data["target"]["form"] == "tags" else "multiclass"
-
-    folds["strategy"] = folds["strategy"] or ("multilabel" if task == "multilabel" else "stratified")
-    if (folds["strategy"], task) in (("multilabel", "multiclass"), ("stratified", "multilabel")):
-        fail(f"'folds.strategy' {folds['strategy']} does not fit a {task} target; "
-             f"use {'multilabel' if task == 'multilabel' else 'stratified'!r}.")
-    if "group" in folds["strategy"] and columns is not None and "group" not in columns:
-        fail(f"'folds.strategy' {folds['strategy']} needs a 'group' column; {data['manifest']} has {list(columns)}"
-             f"{' (demo:grouped has one)' if data['manifest'].startswith('demo:') else ''}.")
-
-    for key, path in raw["weights"].items():
-        if key not in raw["backbones"]:
-            fail(f"'weights.{key}': {key!r} is not one of the backbones {raw['backbones']}.")
-        raw["weights"][key] = _resolve_path(path, f"weights.{key}", folder, fail)
-        if Path(path).suffix not in (".safetensors", ".pth", ".pt") or not Path(raw["weights"][key]).is_file():
-            fail(f"'weights.{key}' must be an existing .safetensors or .pth file; found {raw['weights'][key]!r}.")
-    if raw["weights"] and not raw["pretrained"]:
-        fail("'weights' are given but 'pretrained' is false; set pretrained: true to load them.")
-    if set(given.get("params") or {}) & set(raw["search"]):
-        fail(f"{sorted(set(given['params']) & set(raw['search']))} in both 'params' and 'search'; keep one.")
-    raw["params"] = {k: v for k, v in params.items() if k not in raw["search"]}  # the fixed ones
-    if task == "multiclass" and params["pos_weight"] is not None:
-        fail("'params.pos_weight' is for multilabel targets (data.target.form: tags); set it to null.")
-
-    stages = raw["stages"] or [{"epochs": raw["epochs"] or 10, "freeze": False, "lr_scale": 1.0,
-                                "augment": None, "preprocess": None}]
-    total = sum(stage["epochs"] for stage in stages)
-    if raw["epochs"] not in (None, total):
-        fail(f"'epochs' is {raw['epochs']} but the stages add up to {total}; drop 'epochs'.")
-    for stage in stages:
-        for key in ("augment", "preprocess"):
-            stage[key] = stage[key] or data[key]
-    raw["stages"], raw["epochs"] = stages, total
-
-    metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
-    if metric not in task_metrics(task):
-        fail(f"'metric' {metric} needs a multilabel target (data.target.form: tags); "
-             f"for this {task} target use one of {task_metrics(task)}.")
-    mode = METRICS[metric].mode
-    if raw["mode"] not in (None, mode):
-        fail(f"'mode' {raw['mode']} would pick the worst {metric}; use {mode!r} or drop 'mode'.")
-    raw["mode"] = mode
-    if raw["scheduler"]["type"] == "asha" and raw["scheduler"]["grace_period"] > total:
-        fail(f"'scheduler.grace_period' {raw['scheduler']['grace_period']} is more than the {total} epochs.")
-    return raw
-
-
-def _resolve_path(value: str | None, key: str, folder: Path, fail: Callable) -> str | None:
-    """A relative path is relative to the space file's folder; demo:* names are kept."""
-    if value is None or not value.startswith("demo:"):
-        return value and str((folder / Path(value).expanduser()).resolve())
-    allowed = {"data.manifest": VARIANTS, "data.test_manifest": ("test",)}.get(key, ())
-    if value[5:] not in allowed:
-        fail(f"'{key}' {value!r} is no embedded demo data; use a file path or one of {[f'demo:{v}' for v in allowed]}.")
-    return value
-
-
-def _manifest_columns(manifest: str, fail: Callable) -> tuple[str, ...] | None:
-    """The manifest's columns from its header alone; None while it does not exist (it may be made later).
-
-    A file that exists but cannot be read (a PNG named .csv, an Excel workbook) is an
-    error here, never taken for a missing one."""
-    if manifest.startswith("demo:"):
-        return DEMO_COLUMNS[manifest[5:]]
-    try:
-        Path(manifest).stat()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        fail(f"'data.manifest': {manifest}: cannot be read: {e.strerror or e}.")
-    try:
-        return read_columns(manifest)
-    except UserError as e:
-        fail(f"'data.manifest': {e}")
-
-
-def _resolve_target(data: dict, columns: tuple[str, ...] | None, fail: Callable) -> dict:
-    form, column, maybe_weight = data["target"].values()
-    if form is None and column is None and columns is None:
-        fail(f"cannot infer 'data.target': {data['manifest']} does not exist (yet). "
-             f"Set data.target.form ({' / '.join(FORMS)}) or create the manifest.")
-    try:
-        target = resolve_target(columns or (), form, column, maybe_weight, source=data["manifest"])
-    except UserError as e:
-        fail(f"'data.target': {e}")
-    if columns is not None and target.column not in columns:
-        fail(f"'data.target.column' {target.column!r} is not a column of {data['manifest']}: {list(columns)}.")
-    return target.to_dict()

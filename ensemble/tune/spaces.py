@@ -1,8 +1,8 @@
 """Named sweep spaces: load, resolve and freeze `tune_spaces/NAME.yaml`.
 
-`load_space` parses a space file and checks it against the schema
-(`ensemble.tune.schema`: every key's default and check, and the keys that depend
-on other keys), giving a `Space` with every default filled; `resolve_models`
+`load_space` parses a space file, checks it key by key against the schema
+(`ensemble.tune.schema`), then settles the keys that depend on other keys or on
+the data (`_resolve`), giving a `Space` with every default filled; `resolve_models`
 turns a space into a fixed list of models (one backbone + one param set each),
 sampling the searched params once with numpy draws that match Ray Tune's own;
 `freeze_space` / `check_frozen` keep a resumed sweep on exactly the space it
@@ -20,21 +20,131 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 
 import ensemble
-from ensemble.data.demo_data import demo_manifest
+from ensemble.data.demo_data import VARIANTS, demo_manifest
+from ensemble.data.manifest import FORMS, read_columns, resolve_target
 from ensemble.errors import UserError
 from ensemble.io import write_text
-from ensemble.tune.schema import OMIT, SCHEMA, _timm, check_space
+from ensemble.metrics import DEFAULT_METRIC, METRICS, task_metrics
+from ensemble.tune.schema import OMIT, SCHEMA, _timm, check_keys
 
 SIGNIFICANT_DIGITS = 4  # sampled floats are rounded, so ids and logs stay readable and stable
 REPO_SPACES = Path(ensemble.__file__).resolve().parent.parent / "tune_spaces"
 # Keys a resumed run may change: they decide where folds run, never what they compute.
 UNCHECKED = ("description", "resources", "max_concurrent")
+
+
+
+# --------------------------------------------------------------------------- keys that depend on other keys
+
+DEMO_COLUMNS = {"multiclass": ("id", "image", "label"), "multilabel": ("id", "image", "tags"),
+                "grouped": ("id", "image", "label", "group"), "test": ("id", "image")}
+
+
+def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
+    def fail(message):
+        raise UserError(f"{file}: {message}")
+
+    data, folds, params = raw["data"], raw["folds"], raw["params"]
+    for key in ("manifest", "test_manifest", "root"):
+        data[key] = _resolve_path(data[key], f"data.{key}", folder, fail)
+    if data["root"] is None and not data["manifest"].startswith("demo:"):
+        data["root"] = str(Path(data["manifest"]).parent)
+    columns = _manifest_columns(data["manifest"], fail)
+    data["target"] = _resolve_target(data, columns, fail)
+    task = "multilabel" if data["target"]["form"] == "tags" else "multiclass"
+
+    folds["strategy"] = folds["strategy"] or ("multilabel" if task == "multilabel" else "stratified")
+    if (folds["strategy"], task) in (("multilabel", "multiclass"), ("stratified", "multilabel")):
+        fail(f"'folds.strategy' {folds['strategy']} does not fit a {task} target; "
+             f"use {'multilabel' if task == 'multilabel' else 'stratified'!r}.")
+    if "group" in folds["strategy"] and columns is not None and "group" not in columns:
+        fail(f"'folds.strategy' {folds['strategy']} needs a 'group' column; {data['manifest']} has {list(columns)}"
+             f"{' (demo:grouped has one)' if data['manifest'].startswith('demo:') else ''}.")
+
+    for key, path in raw["weights"].items():
+        if key not in raw["backbones"]:
+            fail(f"'weights.{key}': {key!r} is not one of the backbones {raw['backbones']}.")
+        raw["weights"][key] = _resolve_path(path, f"weights.{key}", folder, fail)
+        if Path(path).suffix not in (".safetensors", ".pth", ".pt") or not Path(raw["weights"][key]).is_file():
+            fail(f"'weights.{key}' must be an existing .safetensors or .pth file; found {raw['weights'][key]!r}.")
+    if raw["weights"] and not raw["pretrained"]:
+        fail("'weights' are given but 'pretrained' is false; set pretrained: true to load them.")
+    if set(given.get("params") or {}) & set(raw["search"]):
+        fail(f"{sorted(set(given['params']) & set(raw['search']))} in both 'params' and 'search'; keep one.")
+    raw["params"] = {k: v for k, v in params.items() if k not in raw["search"]}  # the fixed ones
+    if task == "multiclass" and params["pos_weight"] is not None:
+        fail("'params.pos_weight' is for multilabel targets (data.target.form: tags); set it to null.")
+
+    stages = raw["stages"] or [{"epochs": raw["epochs"] or 10, "freeze": False, "lr_scale": 1.0,
+                                "augment": None, "preprocess": None}]
+    total = sum(stage["epochs"] for stage in stages)
+    if raw["epochs"] not in (None, total):
+        fail(f"'epochs' is {raw['epochs']} but the stages add up to {total}; drop 'epochs'.")
+    for stage in stages:
+        for key in ("augment", "preprocess"):
+            stage[key] = stage[key] or data[key]
+    raw["stages"], raw["epochs"] = stages, total
+
+    metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
+    if metric not in task_metrics(task):
+        fail(f"'metric' {metric} needs a multilabel target (data.target.form: tags); "
+             f"for this {task} target use one of {task_metrics(task)}.")
+    mode = METRICS[metric].mode
+    if raw["mode"] not in (None, mode):
+        fail(f"'mode' {raw['mode']} would pick the worst {metric}; use {mode!r} or drop 'mode'.")
+    raw["mode"] = mode
+    if raw["scheduler"]["type"] == "asha" and raw["scheduler"]["grace_period"] > total:
+        fail(f"'scheduler.grace_period' {raw['scheduler']['grace_period']} is more than the {total} epochs.")
+    return raw
+
+
+def _resolve_path(value: str | None, key: str, folder: Path, fail: Callable) -> str | None:
+    """A relative path is relative to the space file's folder; demo:* names are kept."""
+    if value is None or not value.startswith("demo:"):
+        return value and str((folder / Path(value).expanduser()).resolve())
+    allowed = {"data.manifest": VARIANTS, "data.test_manifest": ("test",)}.get(key, ())
+    if value[5:] not in allowed:
+        fail(f"'{key}' {value!r} is no embedded demo data; use a file path or one of {[f'demo:{v}' for v in allowed]}.")
+    return value
+
+
+def _manifest_columns(manifest: str, fail: Callable) -> tuple[str, ...] | None:
+    """The manifest's columns from its header alone; None while it does not exist (it may be made later).
+
+    A file that exists but cannot be read (a PNG named .csv, an Excel workbook) is an
+    error here, never taken for a missing one."""
+    if manifest.startswith("demo:"):
+        return DEMO_COLUMNS[manifest[5:]]
+    try:
+        Path(manifest).stat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        fail(f"'data.manifest': {manifest}: cannot be read: {e.strerror or e}.")
+    try:
+        return read_columns(manifest)
+    except UserError as e:
+        fail(f"'data.manifest': {e}")
+
+
+def _resolve_target(data: dict, columns: tuple[str, ...] | None, fail: Callable) -> dict:
+    form, column, maybe_weight = data["target"].values()
+    if form is None and column is None and columns is None:
+        fail(f"cannot infer 'data.target': {data['manifest']} does not exist (yet). "
+             f"Set data.target.form ({' / '.join(FORMS)}) or create the manifest.")
+    try:
+        target = resolve_target(columns or (), form, column, maybe_weight, source=data["manifest"])
+    except UserError as e:
+        fail(f"'data.target': {e}")
+    if columns is not None and target.column not in columns:
+        fail(f"'data.target.column' {target.column!r} is not a column of {data['manifest']}: {list(columns)}.")
+    return target.to_dict()
 
 
 # --------------------------------------------------------------------------- the space
@@ -143,7 +253,7 @@ def load_space(name_or_path: str) -> Space:
         raise UserError(f"{file}: not valid YAML: {e}") from None
     if not isinstance(given, dict):
         raise UserError(f"{file}: a space file is a mapping with keys {list(SCHEMA)}; found {given!r}.")
-    raw = check_space(given, file, path.parent)
+    raw = _resolve(check_keys(given, file), given, file, path.parent)
     return _space(path.stem, path, raw)
 
 
