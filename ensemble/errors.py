@@ -25,6 +25,10 @@ class RunFailed(RuntimeError):
     died); what finished is kept, and the message says how to continue. CLIs exit with code 1."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or SIGINT) stopped a command; what was complete is kept. CLIs exit with code 130."""
+
+
 def disk_error(exc: OSError) -> UserError:
     """A disk that refused a write, as one message naming the file and what to do."""
     where = f"{exc.filename}: " if exc.filename else ""
@@ -34,7 +38,7 @@ def disk_error(exc: OSError) -> UserError:
 
 def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Decorate a CLI's main(argv): UserError (and a full or read-only disk) -> one line on stderr and 2;
-    RunFailed -> one line and 1."""
+    RunFailed -> one line and 1; Ctrl-C -> one line and 130."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
@@ -50,6 +54,13 @@ def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[s
         except RunFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        except Interrupted as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:  # Ctrl-C: no traceback; every file is written whole, so a rerun continues
+            print("error: interrupted: what was complete is kept; run the same command again to continue (a sweep: "
+                  "with --resume).", file=sys.stderr)
+            return 130
 
     return run
 

@@ -29,3 +29,14 @@ def test_no_or_an_unknown_command_is_exit_2(capsys):
 def test_each_stage_help_from_the_console_script(stage):
     proc = subprocess.run([ENSEMBLE, stage, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and f"usage: python -m ensemble.{stage}" in proc.stdout, proc.stderr
+
+
+def test_a_wrong_path_creates_nothing(tmp_path):
+    """A tired user's typo: one line, exit 2, and no empty runs/ directory left behind by any stage."""
+    (tmp_path / "space.yaml").write_text("data: {manifest: missing.csv, target: {form: label}}\nbackbones: [test_resnet]\n")
+    for args in (["predict", "--run", "runs/nope"], ["stack", "--run", "runs/nope"],
+                 ["tune", "--space", "space.yaml", "--name", "x"]):
+        proc = subprocess.run([ENSEMBLE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, \
+            (args, proc.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"], args

@@ -54,8 +54,8 @@ def test_check_folds_names_the_file_and_the_missing_fold(tmp_path):
 def test_check_run_and_writable(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         Run(tmp_path / "nothing").check()
-    Run(tmp_path / "new").check_writable()  # creates the directory, leaves no probe file behind
-    assert list((tmp_path / "new").iterdir()) == []
+    Run(tmp_path / "new" / "run").check_writable()  # probes the nearest existing parent, creates nothing
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_open_run_on_a_directory_is_the_directory(tmp_path):

@@ -314,7 +314,7 @@ def test_a_launch_the_cluster_cannot_run_writes_nothing_and_the_corrected_comman
     bad = run_cli("--space", path, "--storage", storage, "--name", "g", "--gpus-per-trial", "1")
     assert bad.returncode == 2 and bad.stderr.startswith("error: one fold needs") and bad.stderr.count("\n") == 1, \
         bad.stdout + bad.stderr
-    assert "Nothing was written" in bad.stderr and not (storage / "g").exists()
+    assert "Nothing was written" in bad.stderr and not storage.exists()  # not even the runs/ it would have made
     good = run_cli("--space", path, "--storage", storage, "--name", "g")
     assert good.returncode == 0, good.stdout + good.stderr
     lines = good.stdout.splitlines()
@@ -342,3 +342,23 @@ def test_a_run_that_trained_nothing_starts_again_with_a_changed_space(tmp_path, 
     assert "no fold has finished an epoch; starting it again with the space as it is now" in capsys.readouterr().out
     assert configs[0]["stages"][0]["epochs"] == 2 and "epochs: 2" in (run_dir / "space.yaml").read_text()
     assert Run(run_dir).model_ids() == [configs[0]["model_id"]]  # the old plan's models are gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_with_the_command_that_continues_it(tmp_path, demo_dir):
+    path = small_space(tmp_path, demo_dir, rows=300, epochs=3)
+    storage = tmp_path / "runs"
+    proc = cli("--space", str(path), "--storage", str(storage), "--name", "c")
+    deadline = time.time() + 240
+    while not list((storage / "c").glob("models/*/fold*/metrics.json")):  # Tune runs, a fold has an epoch
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    resume = f"python -m ensemble.tune --space {path} --storage {storage} --name c --resume"
+    assert proc.returncode == 130, out
+    assert f"error: interrupted: 1 model(s) not finished; every finished epoch is kept. Continue with: {resume}" in out
+    assert "Traceback" not in out and "Tuner.restore" not in out and not (storage / "c" / "run.lock").exists()
+    again = subprocess.run([sys.executable, *resume.split()[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Leaderboard (" in again.stdout, again.stdout + again.stderr
+    assert set(pd.read_csv(storage / "c" / "leaderboard.csv")["state"]) == {"complete"}

@@ -30,6 +30,8 @@ def predict_run(location, *, tta=None, merge="mean", gpus_per_actor=None, cpus_p
     if tta is not None and views_mod.count_views(tta) == 5 and "fivecrop" in tta and "hflip" in tta:
         print("note: 'fivecrop+hflip' is the 5 flipped crops; the 10-view set is 'fivecrop,fivecrop+hflip'.")
     with open_run(location) as run:
+        if not run.store:
+            run.check()  # not a run: said before anything is created
         run.check_writable()
         with locked(run, command):
             run.pull_artifacts()  # plan_run pulls the weights of the models it will predict

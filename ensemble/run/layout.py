@@ -273,15 +273,15 @@ class Run:
         """Fail now, naming the directory, rather than after minutes of work when a write fails."""
         if self.store:
             return  # a URI is written through its own client: its errors name the URI
-        probe = self.dir / f".write-check-{os.getpid()}"
+        where = next(p for p in (self.dir, *self.dir.parents) if p.exists())  # creates nothing
+        probe = where / f".write-check-{os.getpid()}"
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as f:
                 f.write(b"\0" * 4096)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise UserError(f"{self.dir}: cannot write here ({exc.strerror or exc}); free some space or fix the "
+            raise UserError(f"{where}: cannot write here ({exc.strerror or exc}); free some space or fix the "
                             "permissions, then run the same command again. Nothing was changed.") from None
         finally:
             with contextlib.suppress(OSError):

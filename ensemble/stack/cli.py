@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def stack(args: argparse.Namespace, command: str = "python -m ensemble.stack") -> list[MethodResult]:
     """Stack the run of `args.run`, write its ensemble/ and print the summary; returns the scores' rows."""
     with open_run(args.run) as run:
+        if not run.store:
+            run.check()  # not a run: said before anything is created
         run.check_writable()  # before minutes of fitting, not after
         with locked(run, command):
             run.pull_artifacts()  # the prediction files, into a scratch copy of a URI run

@@ -21,6 +21,7 @@ pruned models are recognised from their own files (`ensemble.run`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -33,7 +34,7 @@ import pandas as pd
 from ensemble.cluster import start_ray
 from ensemble.data import folds as folds_mod
 from ensemble.data.manifest import Manifest, Target, read_manifest
-from ensemble.errors import RunFailed, UserError
+from ensemble.errors import Interrupted, RunFailed, UserError
 from ensemble.io import write_csv
 from ensemble.run import Run, locked, open_run, total_epochs
 from ensemble.tune import spaces
@@ -267,17 +268,23 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
             print(f"{len(done)} model(s) already {state}, not run again: {', '.join(done)}")
     if not todo:
         print("Nothing to train: every model of this run is complete or pruned.")
-    if todo:
+    else:
         began = time.perf_counter()
         errors = _tune(space, plan, todo, run, max_concurrent, verbose)
         run.pull_artifacts()  # what the trials wrote, for the leaderboard
-        print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo) - len(errors)} of {len(todo)} "
-              "model(s) ran to the end (complete, pruned or stopped early).")
-        if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
-            print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
+        write_csv(leaderboard(run, plan.configs), run.leaderboard_file)
+        run.push(run.leaderboard_file)
         if errors:
             raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
                               + f". Fix the cause, then resume with: {resume_command(space, location)}")
+        unfinished = [c["model_id"] for c in todo if run.model_state(c["model_id"]) == "todo"]
+        if unfinished:  # Tune ends gracefully on Ctrl-C: its run "finishes" with these models still to train
+            raise Interrupted(f"interrupted: {len(unfinished)} model(s) not finished; every finished epoch is kept. "
+                              f"Continue with: {resume_command(space, location)}")
+        print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo)} model(s) trained "
+              "(complete, pruned or stopped early).")
+        if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
+            print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
     board = leaderboard(run, plan.configs)
     write_csv(board, run.leaderboard_file)
     run.push(run.leaderboard_file)
@@ -286,14 +293,14 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
 
 @contextlib.contextmanager
 def _remove_if_empty(run: Run):
-    """A launch that fails before writing anything leaves no empty run directory behind."""
-    existed = run.dir.exists()
+    """A launch that fails before writing anything leaves no empty directory behind (nor the parents it made)."""
+    made = [p for p in (run.dir, *run.dir.parents) if not p.exists()]
     try:
         yield
     finally:
-        if not existed and not run.store:
+        for path in made if not run.store else []:
             with contextlib.suppress(OSError):
-                run.dir.rmdir()  # only when empty
+                path.rmdir()  # only when empty; innermost first
 
 
 def resume_command(space: spaces.Space, location: str | Path) -> str:
@@ -323,6 +330,8 @@ def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, max_
     attempt = len(list(run.tune_dir.glob("attempt-*"))) + 1 if run.tune_dir.exists() else 1
     if verbose < 2:  # Ray Tune's new output prints its header and a TensorBoard hint even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        # ... and its warnings on Ctrl-C advise Tuner.restore(...), not our --resume (said by run_sweep).
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
     callbacks = [pruned_callback(run)]
     if verbose >= 1:
         callbacks.append(SweepProgress(todo, plan.searched, space.metric, space.mode, run).callback())
