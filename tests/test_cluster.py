@@ -45,9 +45,11 @@ def ray_start_cluster(tmp_path):
             _wait_for_port(port)
     time.sleep(3)  # the second node registers
     yield f"127.0.0.1:{port}"
-    for proc in reversed(procs):
-        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+    for proc in reversed(procs):  # the whole group: `ray start`, its raylet, GCS and workers (a graceful stop takes 30 s)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    leftovers = subprocess.run(["pgrep", "-f", f"[:=]{port}( |$)"], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes of the ray start cluster left running: {leftovers}"
 
 
 def _wait_for_port(port: int, timeout: float = 60) -> None:

@@ -80,10 +80,6 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.location!r})" + (f" in {str(self.dir)!r}" if self.store else "")
 
-    @property
-    def is_uri(self) -> bool:
-        return self.store is not None
-
     # ----------------------------------------------------------------- paths
 
     def path(self, *parts: str) -> Path:
@@ -202,9 +198,6 @@ class Run:
         if status.exists() and json.loads(status.read_text()).get("state") == "pruned":
             return "pruned"
         return "todo"
-
-    def complete_models(self) -> list[str]:
-        return [m for m in self.model_ids() if (self.model_dir(m) / OOF_FILE).exists()]
 
     def trained_epochs(self) -> int:
         """Fold-epochs finished so far, over every model (0: nothing trained, the space may still change)."""
