@@ -67,10 +67,7 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
 
 def invalidate(run: Run, out_dir) -> None:
     """Remove predict.json, here and at the URI, before any file of a new set is written."""
-    marker = out_dir / "predict.json"
-    marker.unlink(missing_ok=True)
-    if run.store:
-        run.store.delete(run.rel(marker))
+    run.remove(out_dir / "predict.json")
 
 
 def push_outputs(run: Run, out_dir) -> None:

@@ -72,7 +72,7 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
     """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why)."""
     run.check()
     configs = run.configs()
-    complete = [m for m in configs if (run.model_dir(m) / "oof.parquet").exists()]
+    complete = [m for m in configs if run.model_state(m) == "complete"]
     unknown = sorted(set(models or []) - set(complete))
     if unknown:
         raise UserError(f"--models: {unknown} are not complete models of {run.show()}; complete: {complete}.")

@@ -94,6 +94,10 @@ class Run:
         return self.dir / FOLDS_FILE
 
     @property
+    def lock_file(self) -> Path:
+        return self.dir / LOCK_FILE
+
+    @property
     def leaderboard_file(self) -> Path:
         return self.dir / LEADERBOARD_FILE
 

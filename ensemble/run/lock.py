@@ -59,13 +59,13 @@ class RunLock:
 
     def __init__(self, run, command: str):
         self.run, self.command = run, command
-        self.path = run.dir / "run.lock"
+        self.path = run.lock_file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
         if self.run.store:
-            return self.run.store.read_json("run.lock")
+            return self.run.store.read_json(self.run.rel(self.path))
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -148,10 +148,7 @@ class RunLock:
         if self._thread:
             self._thread.join(timeout=5)
         with contextlib.suppress(OSError):
-            self.path.unlink()
-        if self.run.store:
-            with contextlib.suppress(OSError):
-                self.run.store.fs.delete_file(self.run.store._remote("run.lock"))
+            self.run.remove(self.path)  # here and, for a URI run, at the URI
 
 
 @contextlib.contextmanager

@@ -81,7 +81,6 @@ def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
         if resume:
             raise UserError(f"--resume: {run.show()} holds no sweep (no space.yaml). Drop --resume to start it.")
         return False
-    trained = run.trained_epochs()
     try:
         spaces.check_frozen(space, run.dir)
         changed = None
@@ -89,6 +88,7 @@ def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
         changed = exc
     if resume and changed is None:
         return False
+    trained = run.trained_epochs()
     if trained and not resume:
         raise UserError(f"{run.show()} already holds a sweep ({trained} fold-epoch(s) trained). Continue it with "
                         "--resume, or start another with --name NEW_NAME."
@@ -179,7 +179,7 @@ def _dataset_normalization(space: spaces.Space, manifest: Manifest, folds: pd.Da
     ids = set(folds["id"])
     paths = [p for p, i in zip(manifest.image_paths, manifest.frame["id"]) if i in ids]
     picked = [paths[i] for i in sorted(rng.choice(len(paths), min(sample, len(paths)), replace=False))]
-    dataset = ImageDataset(picked, None, size, preprocess=space.data.preprocess, on_bad_image=space.data.on_bad_image)
+    dataset = ImageDataset(picked, None, size, preprocess=space.data.preprocess)
     images = []
     for i in range(len(picked)):
         try:
@@ -260,34 +260,33 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         start_ray(address, verbose)
         import ray
 
-        fold_slots(ray.cluster_resources(), space.resources)
+        slots = fold_slots(ray.cluster_resources(), space.resources)
     write_plan(plan, run)
     for state in ("complete", "pruned"):
         done = [m for m, s in states.items() if s == state]
         if done:
             print(f"{len(done)} model(s) already {state}, not run again: {', '.join(done)}")
-    if not todo:
-        print("Nothing to train: every model of this run is complete or pruned.")
-    else:
-        began = time.perf_counter()
-        errors = _tune(space, plan, todo, run, max_concurrent, verbose)
+    errors, began = [], time.perf_counter()
+    if todo:
+        errors = _tune(space, plan, todo, run, slots, max_concurrent, verbose)
         run.pull_artifacts()  # what the trials wrote, for the leaderboard
-        write_csv(leaderboard(run, plan.configs), run.leaderboard_file)
-        run.push(run.leaderboard_file)
-        if errors:
-            raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
-                              + f". Fix the cause, then resume with: {resume_command(space, location)}")
-        unfinished = [c["model_id"] for c in todo if run.model_state(c["model_id"]) == "todo"]
-        if unfinished:  # Tune ends gracefully on Ctrl-C: its run "finishes" with these models still to train
-            raise Interrupted(f"interrupted: {len(unfinished)} model(s) not finished; every finished epoch is kept. "
-                              f"Continue with: {resume_command(space, location)}")
+    else:
+        print("Nothing to train: every model of this run is complete or pruned.")
+    board = leaderboard(run, plan.configs)  # written whatever happened next: it shows what is done
+    write_csv(board, run.leaderboard_file)
+    run.push(run.leaderboard_file)
+    if errors:
+        raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
+                          + f". Fix the cause, then resume with: {resume_command(space, location)}")
+    unfinished = [c["model_id"] for c in todo if run.model_state(c["model_id"]) == "todo"]
+    if unfinished:  # Tune ends gracefully on Ctrl-C: its run "finishes" with these models still to train
+        raise Interrupted(f"interrupted: {len(unfinished)} model(s) not finished; every finished epoch is kept. "
+                          f"Continue with: {resume_command(space, location)}")
+    if todo:
         print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo)} model(s) trained "
               "(complete, pruned or stopped early).")
         if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
             print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
-    board = leaderboard(run, plan.configs)
-    write_csv(board, run.leaderboard_file)
-    run.push(run.leaderboard_file)
     return board
 
 
@@ -310,16 +309,14 @@ def resume_command(space: spaces.Space, location: str | Path) -> str:
     return f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
 
 
-def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, max_concurrent: int | None,
+def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, slots: int, max_concurrent: int | None,
           verbose: int) -> list[str]:
     """One Ray Tune run over the models still to train; returns an error line per model that failed."""
-    import ray
     from ray import tune
 
     from ensemble.tune.progress import SweepProgress
     from ensemble.tune.trial import pruned_callback, run_model, warm_up_workers
 
-    slots = fold_slots(ray.cluster_resources(), space.resources)
     limit = max_concurrent or space.max_concurrent or concurrency(slots, space.folds.k)
     warm_up_workers(space.resources, slots)
     scheduler = None
