@@ -3,12 +3,14 @@
 Packages in reading order (the flow of docs/design.md):
 
   data     manifests, folds, views, the loader and its decoded cache, the demo data
-  models   create_model over timm: local weights, freezing the backbone
-  metrics  log loss, accuracy, F-beta, mAP: the one registry of metric names
+  models   create_model over timm: local weights, freezing the backbone; retrieval's EmbeddingNet
+  heads    softmax, ArcFace, CosFace, sub-center ArcFace heads for training embeddings
+  metrics  log loss, accuracy, F-beta, mAP, retrieval scores: the one registry of metric names
   run      the run directory every stage reads and writes: layout, storage (a URI), lock
   tune     the sweep: spaces, launch, one trial per model, train one fold  (python -m ensemble.tune)
   predict  TTA on a Ray actor pool                                         (python -m ensemble.predict)
   stack    OOF loading, greedy selection, thresholds, meta-models          (python -m ensemble.stack)
+  retrieve exact kNN, retrieval metrics, QE / re-ranking, embedding concat (python -m ensemble.retrieve)
   demo     the end-to-end demo behind `make demo`                          (python -m ensemble.demo)
 
 Use it as a library: the names below are importable from `ensemble` directly; each is
@@ -33,6 +35,9 @@ _PUBLIC = {  # name -> module that defines it
     "predict_run": "ensemble.predict.core", "merge_views": "ensemble.predict.tta",
     "load_run": "ensemble.stack.oof", "GreedySelection": "ensemble.stack.select",
     "LabelThresholds": "ensemble.stack.thresholds", "fit_meta": "ensemble.stack.meta",
+    "create_head": "ensemble.heads", "search": "ensemble.retrieve.search",
+    "leave_one_out": "ensemble.retrieve.metrics", "map_at_k": "ensemble.retrieve.metrics",
+    "load_embeddings": "ensemble.retrieve.core", "GreedyConcat": "ensemble.retrieve.select",
     "UserError": "ensemble.errors",
 }
 __all__ = sorted(_PUBLIC)

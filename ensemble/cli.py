@@ -1,4 +1,4 @@
-"""The `ensemble` console script: `ensemble tune|predict|stack|demo ...` runs the stage's own CLI."""
+"""The `ensemble` console script: `ensemble tune|predict|stack|retrieve|demo ...` runs the stage's own CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {  # command -> (its CLI module, what it does)
     "tune": ("ensemble.tune.cli", "train every backbone x param set x fold of a space on Ray Tune"),
     "predict": ("ensemble.predict.cli", "TTA predictions of the test set and the held-out folds"),
     "stack": ("ensemble.stack.cli", "combine the out-of-fold predictions: greedy, thresholds, meta-models"),
+    "retrieve": ("ensemble.retrieve.cli", "search the gallery: models' embeddings, their weighted concatenation, re-ranking"),
     "demo": ("ensemble.demo", "the whole flow on the embedded demo digits"),
 }
 USAGE = "usage: ensemble {" + ",".join(COMMANDS) + "} [options]   (each takes --help)\n\n" + "\n".join(

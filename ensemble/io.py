@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 
 PROC_STATUS = "/proc/self/status"  # where Linux >= 4.7 reports the umask
@@ -82,3 +83,10 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
 def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:
+    """An array as .npy (np.load(path, mmap_mode='r') maps it without reading it)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.save given a path would append '.npy' to the temp name
+            np.save(f, array)

@@ -16,6 +16,11 @@ the task, because the same name means different things for the two tasks:
   map       mean over classes of average precision (scikit-learn's step-wise
             definition, ties grouped); classes with no positive row are left out.
 
+Retrieval runs (task 'retrieval') monitor retrieval scores instead: `fn(labels,
+embeddings, "retrieval")`, every row querying the other rows of its set
+(leave-one-out, `ensemble.retrieve.metrics`): digix = 0.5 top1 + 0.5 map@10,
+map@10, top1, recall@5, recall@10.
+
 `get_metric(name)` returns a `Metric` from the registry `METRICS`; an unknown
 name is a UserError that lists the allowed ones.
 """
@@ -29,7 +34,7 @@ import numpy as np
 
 from ensemble.errors import UserError
 
-TASKS = ("multiclass", "multilabel")
+TASKS = ("multiclass", "multilabel")  # the tasks whose models output class probabilities
 AVERAGES = ("samples", "micro", "macro")
 EPS = 1e-15
 
@@ -152,6 +157,17 @@ def _fbeta_metric(name: str, beta: float, average: str, thresholds, tasks: tuple
     return Metric(name, "max", fn, tasks)
 
 
+def _retrieval_metric(name: str) -> Metric:
+    def fn(labels, embeddings, task="retrieval"):
+        from ensemble.retrieve.metrics import leave_one_out
+
+        return leave_one_out(embeddings, labels)[name]
+
+    return Metric(name, "max", fn, ("retrieval",))
+
+
+RETRIEVAL_METRICS = ("digix", "map@10", "top1", "recall@5", "recall@10")
+
 # The one registry of metric names: spaces (`metric:`), training, predict and stack all read it.
 METRICS: dict[str, Metric] = {
     "log_loss": Metric("log_loss", "min", log_loss),
@@ -159,8 +175,11 @@ METRICS: dict[str, Metric] = {
     "f2": _fbeta_metric("f2", 2.0, "samples", 0.5, ("multilabel",)),
     "fbeta": _fbeta_metric("fbeta", 2.0, "samples", 0.5),  # stack only: it needs --beta
     "map": Metric("map", "max", average_precision, ("multilabel",)),
+    **{name: _retrieval_metric(name) for name in RETRIEVAL_METRICS},
 }
-DEFAULT_METRIC = {"multiclass": "log_loss", "multilabel": "f2"}
+DEFAULT_METRIC = {"multiclass": "log_loss", "multilabel": "f2", "retrieval": "digix"}
+# The metrics of class probabilities (what `get_metric` and the stacking layer take).
+PROBABILITY_METRICS = tuple(name for name, m in METRICS.items() if "retrieval" not in m.tasks)
 
 
 def task_metrics(task: str) -> list[str]:
@@ -176,8 +195,9 @@ def fbeta_name(beta: float, average: str = "samples") -> str:
 
 def get_metric(name: str, beta: float = 2.0, average: str = "samples", thresholds=0.5) -> Metric:
     """The registered metric `name`; 'fbeta' takes `beta`, both F metrics `average` and `thresholds`."""
-    if name not in METRICS:
-        raise UserError(f"The 'metric' parameter must be one of {sorted(METRICS)}. Got {name!r} instead.")
+    if name not in PROBABILITY_METRICS:
+        raise UserError(f"The 'metric' parameter must be one of {sorted(PROBABILITY_METRICS)}. Got {name!r} instead."
+                        + (" (a retrieval metric: python -m ensemble.retrieve scores those)" if name in METRICS else ""))
     if average not in AVERAGES:
         raise UserError(f"The 'average' parameter must be one of {list(AVERAGES)}. Got {average!r} instead.")
     if name in ("f2", "fbeta"):

@@ -1,4 +1,4 @@
-"""timm models for the sweep: offline-safe pretrained weights and stage freezing."""
+"""timm models for the sweep: offline-safe pretrained weights, stage freezing, retrieval embedding nets."""
 
 from __future__ import annotations
 
@@ -53,6 +53,51 @@ def create_model(
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
+
+
+class EmbeddingNet(torch.nn.Module):
+    """A retrieval model: timm backbone (pooled features) -> neck (linear + batch norm) -> training head.
+
+    `embed(x)` gives the embedding (not normalised: prediction averages TTA views first,
+    then L2-normalises); `forward(x, labels)` the head's logits for the loss. The head
+    classifies the training folds' identities only, so predict builds the net with
+    `n_classes=0` (no head) and loads the checkpoint without the head's weights.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, embedding_dim: int, n_classes: int, head: str = "softmax",
+                 scale: float = 30.0, margin: float = 0.3, subcenters: int = 3):
+        super().__init__()
+        from ensemble.heads import create_head
+
+        self.backbone = backbone
+        self.neck = torch.nn.Sequential(torch.nn.Linear(backbone.num_features, embedding_dim, bias=False),
+                                        torch.nn.BatchNorm1d(embedding_dim))
+        self.head = create_head(head, embedding_dim, n_classes, scale=scale, margin=margin,
+                                subcenters=subcenters) if n_classes else None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(x))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.embed(x), labels)
+
+    def get_classifier(self) -> torch.nn.Module:
+        """What stays trainable while the backbone is frozen: the neck and the head."""
+        return torch.nn.ModuleList([self.neck] + ([self.head] if self.head is not None else []))
+
+
+def create_embedding_model(backbone: str, n_classes: int, params: dict, **kwargs) -> EmbeddingNet:
+    """A retrieval EmbeddingNet from a model's params (embedding_dim, head, scale, margin, subcenters).
+
+    `kwargs` go to `create_model` (pretrained, weights, dropout, drop_path); `n_classes=0`: no head."""
+    net = create_model(backbone, 0, **kwargs)  # num_classes=0: timm's pooled features
+    return EmbeddingNet(net, params["embedding_dim"], n_classes, params["head"], params["scale"], params["margin"],
+                        params["subcenters"])
+
+
+def without_head(state_dict: dict) -> dict:
+    """A retrieval checkpoint's weights minus the training head (it only classified training identities)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
 
 
 def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

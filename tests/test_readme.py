@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # What each command must print (besides exiting 0), by the start of the command line.
 EXPECT = {
+    "python -m ensemble.tune --space demo_retrieval": "Leaderboard (digix",
+    "python -m ensemble.predict --run runs/demo_retrieval": "oof_tta digix",
+    "python -m ensemble.retrieve --run runs/demo_retrieval": "winner: ",
     "python -m ensemble.tune --space demo --name mine --resume": "Nothing to train",
     "python -m ensemble.tune": "Leaderboard (log_loss",
     "python -m ensemble.predict --run runs/mine --per-view": "view rotate:5",
@@ -27,7 +30,7 @@ EXPECT = {
     "python -m ensemble.stack": "winner:",
     "python scripts/select_ensemble.py": "cross-validated over 3",
     "ensemble stack": "greedy ",
-    "ensemble --help": "usage: ensemble {tune,predict,stack,demo}",
+    "ensemble --help": "usage: ensemble {tune,predict,stack,retrieve,demo}",
 }
 
 
@@ -58,8 +61,18 @@ def small_demo(cwd: Path, demo_dir: Path) -> None:
     (cwd / "tune_spaces" / "demo.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
 
 
+def small_demo_retrieval(cwd: Path, demo_dir: Path) -> None:
+    """tune_spaces/demo_retrieval.yaml: the shipped space on 600 training digits, 2 epochs (query/gallery as shipped)."""
+    space = yaml.safe_load((REPO / "tune_spaces" / "demo_retrieval.yaml").read_text())
+    pd.read_csv(demo_dir / "retrieval.csv").sample(600, random_state=0).to_csv(cwd / "retrieval.csv", index=False)
+    space["data"].update(manifest="../retrieval.csv", root=str(demo_dir))
+    space["epochs"] = 2
+    (cwd / "tune_spaces" / "demo_retrieval.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+
+
 def test_every_readme_command_runs_as_typed(tmp_path, demo_dir):
     small_demo(tmp_path, demo_dir)
+    small_demo_retrieval(tmp_path, demo_dir)
     (tmp_path / "scripts").symlink_to(REPO / "scripts")
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ["PATH"], ENSEMBLE_DATA_DIR=str(demo_dir),

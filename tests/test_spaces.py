@@ -66,6 +66,8 @@ def load_error(tmp_path: Path, changes: dict, base: dict = BASE) -> str:
     ("driver_groupkfold", 6, 5, "log_loss"),
     ("fashionai_attributes", 2, 5, "accuracy"),
     ("planet_multilabel", 6, 5, "f2"),
+    ("demo_retrieval", 4, 3, "digix"),
+    ("digix_retrieval", 2, 5, "digix"),
 ])
 def test_shipped_space_loads_and_resolves(name, n_models, k, metric):
     space = load_space(name)
@@ -78,12 +80,13 @@ def test_shipped_space_loads_and_resolves(name, n_models, k, metric):
 
 def test_every_shipped_space_is_tested():
     assert sorted(p.stem for p in SHIPPED.glob("*.yaml")) == sorted(
-        ["demo", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes", "planet_multilabel"])
+        ["demo", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes", "planet_multilabel", "demo_retrieval",
+         "digix_retrieval"])
 
 
 def test_shipped_spaces_other_than_demo_document_their_manifest():
     for path in SHIPPED.glob("*.yaml"):
-        if path.stem != "demo":
+        if not path.stem.startswith("demo"):
             header = path.read_text().split("description:")[0]
             assert "Data you supply" in header and "pd." in header, path.name  # how to build the manifest
 
@@ -189,7 +192,7 @@ def test_numbers_written_without_a_dot_are_numbers(tmp_path):
 
 @pytest.mark.parametrize("changes,expected", [
     ({"param": {"lr": 0.1}},
-     "unknown key 'param' at top level. Did you mean 'params'? Allowed: ['description', 'data',"),
+     "unknown key 'param' at top level. Did you mean 'params'? Allowed: ['description', 'task', 'data',"),
     ({"params": {"lrr": 0.1}}, "unknown key 'lrr' in 'params'. Did you mean 'lr'?"),
     ({"folds": {"kk": 3}}, "unknown key 'kk' in 'folds'. Did you mean 'k'?"),
     ({"lr": 0.1}, "unknown key 'lr' at top level. It belongs in params or search. Allowed:"),
@@ -269,7 +272,7 @@ def test_cross_key_errors(tmp_path):
     cases = [
         ({"params": {"lr": 0.1}, "search": {"lr": {"choice": [0.1]}}}, "['lr'] in both 'params' and 'search'"),
         ({"metric": "f2"}, "'metric' f2 needs a multilabel target (data.target.form: tags); for this multiclass "
-                           "target use one of ['log_loss', 'accuracy']."),
+                           "space use one of ['log_loss', 'accuracy']."),
         ({"metric": "map"}, "'metric' map needs a multilabel target"),
         ({"mode": "max"}, "'mode' max would pick the worst log_loss; use 'min' or drop 'mode'."),
         ({"weights": {"resnet50": "w.safetensors"}, "pretrained": True},
@@ -292,6 +295,54 @@ def test_cross_key_errors(tmp_path):
         assert expected in load_error(tmp_path, changes), changes
 
 
+RETRIEVAL = {"task": "retrieval", "data": {"manifest": "demo:retrieval", "query_manifest": "demo:query",
+                                           "gallery_manifest": "demo:gallery"}, "backbones": ["test_resnet"]}
+
+
+def test_a_retrieval_space_resolves_its_sets_folds_metric_and_params(tmp_path):
+    space = load(tmp_path, {"search": {"head": {"grid": ["arcface", "cosface"]}}}, base=RETRIEVAL)
+    assert (space.task, space.folds.strategy, space.metric, space.mode) == ("retrieval", "group", "digix", "max")
+    assert space.query_manifest_path.name == "query.csv" and space.gallery_manifest_path.name == "gallery.csv"
+    models = resolve_models(space)
+    assert [m.params["head"] for m in models] == ["arcface", "cosface"]
+    assert models[0].params["embedding_dim"] == 512 and models[0].params["margin"] == 0.3
+    classify = load(tmp_path, name="c")  # other tasks' params (and so their model ids) have no retrieval keys
+    assert "embedding_dim" not in classify.params and classify.task == "multiclass"
+
+
+def test_retrieval_cross_key_errors(tmp_path):
+    cases = [
+        ({"folds": {"strategy": "stratified"}}, "'folds.strategy' stratified does not fit retrieval"),
+        ({"data": {"manifest": "demo:multilabel"}}, "task retrieval needs an identity 'label' column"),
+        ({"data": {"test_manifest": "demo:test"}}, "a retrieval space sets data.query_manifest and data.gallery_manifest"),
+        ({"data": {"manifest": "demo:retrieval", "query_manifest": "demo:query"}},
+         "'data.query_manifest' and 'data.gallery_manifest' go together"),
+        ({"metric": "log_loss"}, "'metric' log_loss needs task: multiclass or multilabel; for this retrieval space use "
+                                 "one of ['digix', 'map@10', 'top1', 'recall@5', 'recall@10']."),
+        ({"params": {"head": "triplet"}}, "'params.head' must be one of ['softmax', 'arcface', 'cosface', 'subcenter']"),
+        ({"data": {"query_manifest": "demo:gallery"}}, "'data.query_manifest' 'demo:gallery' is no embedded demo data"),
+    ]
+    for changes, expected in cases:
+        base = copy.deepcopy(RETRIEVAL)
+        if "data" in changes:
+            base["data"] = {k: v for k, v in base["data"].items() if k not in ("query_manifest", "gallery_manifest")
+                            or "manifest" not in changes["data"] or k in changes["data"]}
+        assert expected in load_error(tmp_path, changes, base=base), changes
+    assert "are retrieval params; this space's task is multiclass" in load_error(tmp_path, {"params": {"margin": 0.2}})
+    assert "'data.query_manifest' / 'data.gallery_manifest' are for task: retrieval" in load_error(
+        tmp_path, {"data": {"manifest": "demo:multiclass", "query_manifest": "demo:query"}})
+
+
+def test_a_run_frozen_before_task_existed_still_resumes(tmp_path):
+    space = load(tmp_path)
+    run_dir = tmp_path / "run"
+    freeze_space(space, run_dir)
+    frozen = yaml.safe_load((run_dir / "space.yaml").read_text())
+    del frozen["task"], frozen["data"]["query_manifest"], frozen["data"]["gallery_manifest"]
+    (run_dir / "space.yaml").write_text(yaml.safe_dump(frozen))
+    check_frozen(space, run_dir)  # no complaint about keys this version added
+
+
 def test_a_manifest_that_exists_but_cannot_be_read_is_not_called_missing(tmp_path):
     assert "nowhere.csv does not exist (yet)" in load_error(tmp_path, {"data": {"manifest": "nowhere.csv"}})
     (tmp_path / "digits.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
@@ -310,7 +361,8 @@ def test_metric_fits_the_task(tmp_path):
     for metric in task_metrics("multilabel"):  # log_loss and the others all fit multilabel
         assert load(tmp_path, {"metric": metric}, base=multilabel).metric == metric
     # One registry (ensemble.metrics): a space may not name a metric that training, predict or stack lack.
-    assert "'metric' must be null or one of ['log_loss', 'accuracy', 'f2', 'map']; found 'loss'." in \
+    assert "'metric' must be null or one of ['log_loss', 'accuracy', 'f2', 'map', 'digix', 'map@10', 'top1', " \
+        "'recall@5', 'recall@10']; found 'loss'." in \
         load_error(tmp_path, {"metric": "loss"})
     space = load(tmp_path, base=multilabel)
     assert (space.metric, space.mode, space.folds.strategy, space.task) == ("f2", "max", "multilabel", "multilabel")
@@ -384,8 +436,8 @@ def test_unknown_space_lists_available_and_nearest():
         find_space("planet_multilable")
     message = str(info.value)
     assert "No space 'planet_multilable'" in message and "Did you mean 'planet_multilabel'?" in message
-    assert "Available spaces: ['demo', 'driver_groupkfold', 'fashionai_attributes', 'planet_multilabel', " \
-           "'pnasnet_kfold']" in message
+    assert "Available spaces: ['demo', 'demo_retrieval', 'digix_retrieval', 'driver_groupkfold', " \
+           "'fashionai_attributes', 'planet_multilabel', 'pnasnet_kfold']" in message
 
 
 # --------------------------------------------------------------------------- freezing

@@ -9,6 +9,13 @@ Variants, all over the same 4,000 training images (the last 1,000 are the test s
   multiclass  `label` = the digit's name ("zero" ... "nine")
   multilabel  `tags` = derived binary attributes ("even"/"odd", "prime", "loop", "big")
   grouped     `label` + `group`: 12 deterministic pseudo-writers, for group k-fold
+  retrieval   `label` = the digit's name, digits 0-6 only: the identities a retrieval model trains on
+
+and for retrieval, over the test images of the digits 7-9, identities no training row has
+(as in DIGIX, whose test products are new): `query` (20 per digit) and `gallery` (the rest),
+each with its `label` column as an answer key (retrieval is not scored from it unless asked).
+This is retrieval over unseen classes of digits, a stand-in: no package ships a real
+image-retrieval set (several photos per product or person) small enough to embed.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ import pandas as pd
 
 from ensemble.io import write_csv
 
-VARIANTS = ("multiclass", "multilabel", "grouped")
+VARIANTS = ("multiclass", "multilabel", "grouped", "retrieval")
+EXPORTS = VARIANTS + ("test", "query", "gallery")  # every manifest the export writes
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 N_TRAIN = 4000
 N_GROUPS = 12
-_VERSION = "2"  # bump when the export format changes, to force a re-export
+RETRIEVAL_TRAIN_DIGITS = 7  # digits 0-6 train a retrieval model; 7-9 are its unseen query/gallery identities
+N_QUERY_PER_DIGIT = 20
+_VERSION = "3"  # bump when the export format changes, to force a re-export
 
 
 def data_dir() -> Path:
@@ -43,11 +53,11 @@ def demo_manifest(variant: str = "multiclass", root: str | os.PathLike | None = 
     """Export the demo images if needed and return the path of a variant's manifest.
 
     Args:
-        variant: one of VARIANTS, or "test" for the unlabelled test manifest.
+        variant: one of EXPORTS: a VARIANTS training manifest, "test" (unlabelled), "query" or "gallery".
         root: export directory; defaults to `data_dir()`.
     """
-    if variant not in VARIANTS + ("test",):
-        raise ValueError(f"The 'variant' parameter must be one of {list(VARIANTS) + ['test']}. Got {variant!r} instead.")
+    if variant not in EXPORTS:
+        raise ValueError(f"The 'variant' parameter must be one of {list(EXPORTS)}. Got {variant!r} instead.")
     root = Path(root) if root is not None else data_dir()
     if not _export_is_complete(root):
         export_demo_data(root)
@@ -86,16 +96,22 @@ def _build_frames(digits: np.ndarray) -> dict[str, pd.DataFrame]:
     labels = [DIGIT_NAMES[d] for d in digits[train]]
     # Deterministic pseudo-writers: a hash of the id, so groups cut across classes.
     groups = [f"w{int(hashlib.md5(i.encode()).hexdigest(), 16) % N_GROUPS:02d}" for i in ids[train]]
+    unseen = test[digits[test] >= RETRIEVAL_TRAIN_DIGITS]
+    held = pd.DataFrame({"id": ids[unseen], "image": images[unseen], "label": [DIGIT_NAMES[d] for d in digits[unseen]]})
+    is_query = held.groupby("label").cumcount() < N_QUERY_PER_DIGIT
     return {
         "multiclass": base.assign(label=labels),
         "multilabel": base.assign(tags=[_tags(d) for d in digits[train]]),
         "grouped": base.assign(label=labels, group=groups),
+        "retrieval": base.assign(label=labels)[digits[train] < RETRIEVAL_TRAIN_DIGITS].reset_index(drop=True),
         "test": pd.DataFrame({"id": ids[test], "image": images[test]}),
+        "query": held[is_query].reset_index(drop=True),
+        "gallery": held[~is_query].reset_index(drop=True),
     }
 
 
 def export_demo_data(root: str | os.PathLike | None = None) -> Path:
-    """Write the 5,000 digits as PNG files and the four manifests under `root`.
+    """Write the 5,000 digits as PNG files and the manifests (EXPORTS) under `root`.
 
     The stamp file is written last, so an interrupted export is detected and
     redone on the next call.
@@ -121,7 +137,7 @@ def _export_is_complete(root: Path) -> bool:
     stamp = root / "EXPORTED"
     if not stamp.exists() or stamp.read_text().split()[:1] != [_VERSION]:
         return False
-    if not all((root / f"{v}.csv").exists() for v in VARIANTS + ("test",)):
+    if not all((root / f"{v}.csv").exists() for v in EXPORTS):
         return False
     expected = int(stamp.read_text().split()[1])
     paths = sorted((root / "images").glob("*.png"))

@@ -7,7 +7,7 @@ import time
 
 from ensemble.cluster import start_ray
 from ensemble.data import views as views_mod
-from ensemble.predict.outputs import push_outputs, write_outputs, write_submission
+from ensemble.predict.outputs import push_outputs, write_embeddings, write_outputs, write_submission
 from ensemble.predict.plan import ModelPlan, plan_run
 from ensemble.predict.pool import create_pool, resolve_actors, run_pool
 from ensemble.predict.tta import check_merge
@@ -86,7 +86,8 @@ def _predict(run: Run, plans: list[ModelPlan], gpus_per_actor, cpus_per_actor, f
 
     def done(model_id: str, results: dict) -> str:
         plan = plan_of[model_id]
-        scores[model_id] = write_outputs(run, plan, results)
+        write = write_embeddings if plan.config["task"] == "retrieval" else write_outputs
+        scores[model_id] = write(run, plan, results)
         push_outputs(run, plan.out_dir)
         return f"{model_id}: " + ", ".join(f"{k} {v:.5f}" for k, v in scores[model_id].items())
 

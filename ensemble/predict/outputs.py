@@ -8,6 +8,13 @@
                     complete (a crash mid-write leaves no predict.json, so the model is redone)
   oof_views.parquet, test_views.parquet   with --per-view
   submission.csv    with --submission
+
+A retrieval model's set is its embeddings instead (`write_embeddings`), float16 and
+L2-normalised, each .npy with a parquet of its row ids beside it:
+  emb/oof.npy       rows x dims: each held-out row by its own fold's model (TTA views averaged)
+  emb/query.npy, emb/gallery.npy   folds x rows x dims: every fold model's embedding of each
+                    row (the retrieve stage merges the k folds: see docs/design.md)
+  predict.json      as above; its scores are the held-out folds' leave-one-out retrieval scores
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ensemble.errors import UserError
-from ensemble.io import write_csv, write_json, write_parquet
+from ensemble.io import write_csv, write_json, write_npy, write_parquet
 from ensemble.metrics import METRICS
 from ensemble.predict.plan import ModelPlan
 from ensemble.predict.tta import view_names
@@ -31,12 +38,12 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
     oof_tta = plan.oof[["id", "fold"]].copy()
     # Unreadable images (on_bad_image: skip) came back NaN: a held-out row keeps its training-time OOF
     # value (itself the prior for an image that never decoded), a test row gets the model's mean OOF.
-    proba = np.concatenate([results[f, "oof", "proba"] for f in range(k)])[order]
+    proba = np.concatenate([results[f, "oof", "merged"] for f in range(k)])[order]
     unreadable = {"oof": int(np.isnan(proba).any(1).sum())}
     oof_tta[classes] = np.where(np.isnan(proba), plan.oof[classes].to_numpy(), proba)
     files = {"oof_tta.parquet": oof_tta}
     if plan.test_ids is not None:  # the mean of the k fold models
-        mean = np.mean([results[f, "test", "proba"] for f in range(k)], axis=0, dtype=np.float64)
+        mean = np.mean([results[f, "test", "merged"] for f in range(k)], axis=0, dtype=np.float64)
         unreadable["test"] = int(np.isnan(mean).any(1).sum())
         mean = np.where(np.isnan(mean), plan.oof[classes].to_numpy().mean(0), mean)
         test = pd.DataFrame(mean, columns=classes)
@@ -65,6 +72,45 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
     return scores
 
 
+def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
+    """A retrieval model's emb/ files, each atomically, predict.json last; returns the OOF retrieval scores
+    (mean over folds: at training's best epoch without TTA, and of these embeddings)."""
+    from ensemble.retrieve.metrics import leave_one_out
+
+    config, k, metric = plan.config, plan.config["k"], plan.config["metric"]
+    folds = pd.read_csv(run.folds_file, dtype=str, keep_default_na=False).set_index("id")
+    labels = folds.loc[plan.oof["id"], config["target"]["column"]].to_numpy()
+    order = pd.Index([i for f in range(k) for i in plan.fold_ids[f]]).get_indexer(plan.oof["id"])
+    oof = np.concatenate([results[f, "oof", "merged"] for f in range(k)])[order]
+    is_fold = [plan.oof["fold"].to_numpy() == f for f in range(k)]
+    trained = [(run.read_metrics(plan.model_id, f) or {}).get("best_score") for f in range(k)]
+    scores = {f"oof {metric}": float(np.mean(trained)) if None not in trained else float("nan"),
+              f"oof_tta {metric}": float(np.mean([leave_one_out(oof[rows], labels[rows])[metric] for rows in is_fold]))}
+    sets = {"oof": (oof, plan.oof[["id", "fold"]])}
+    for split in ("query", "gallery"):
+        if getattr(plan, f"{split}_ids") is not None:
+            stacked = np.stack([results[f, split, "merged"] for f in range(k)])  # folds x rows x dims
+            sets[split] = (stacked, pd.DataFrame({"id": getattr(plan, f"{split}_ids")}))
+    unreadable = {name: _empty_rows(emb) for name, (emb, _) in sets.items()}
+    if any(unreadable.values()):
+        print(f"{plan.model_id}: rows without an embedding (unreadable images, on_bad_image: skip): {unreadable}")
+    invalidate(run, plan.out_dir)
+    for name, (emb, ids) in sets.items():
+        write_npy(np.nan_to_num(emb).astype(np.float16), plan.out_dir / "emb" / f"{name}.npy")
+        write_parquet(ids, plan.out_dir / "emb" / f"{name}.ids.parquet")
+    job = plan.jobs[0, "oof"]
+    write_json({"tta": job.tta, "views": view_names(job.tta), "merge": job.merge, "forward_batch": job.batch * job.n_views,
+                "embedding_dim": job.embedding_dim, "scores": scores, "unreadable": unreadable},
+               plan.out_dir / "predict.json")
+    return scores
+
+
+def _empty_rows(emb: np.ndarray) -> int:
+    """Rows (of any fold, for folds x rows x dims) with no embedding: NaN (an unreadable image) or all zero."""
+    bad = ~np.isfinite(emb).all(-1) | ~emb.any(-1)
+    return int(bad.reshape(-1, bad.shape[-1]).any(0).sum())
+
+
 def invalidate(run: Run, out_dir) -> None:
     """Remove predict.json, here and at the URI, before any file of a new set is written."""
     run.remove(out_dir / "predict.json")
@@ -86,6 +132,9 @@ def _long(keys: pd.DataFrame, per_view: np.ndarray, names: list[str], classes: l
 def write_submission(run: Run, model_id: str, out_dir=None, threshold: float = 0.5):
     """A Kaggle-style CSV of one model's test.parquet: id + class probabilities, or space-separated tags (multilabel)."""
     config = run.read_config(model_id)
+    if config["task"] == "retrieval":
+        raise UserError(f"{model_id} is a retrieval model: its submission (each query's gallery ids) is written by "
+                        f"python -m ensemble.retrieve --run {run.show()}; drop --submission.")
     out_dir = out_dir or run.model_dir(model_id)
     if not (out_dir / "test.parquet").exists():
         raise UserError(f"{run.show(out_dir / 'test.parquet')} missing: the space has no test_manifest, or predict "

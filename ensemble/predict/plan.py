@@ -19,7 +19,7 @@ from ensemble.data import views as views_mod
 from ensemble.data.manifest import Target, encode_targets, read_manifest
 from ensemble.errors import UserError
 from ensemble.run import Run, stage_of
-from ensemble.run.layout import PREDICT_FILES
+from ensemble.run.layout import EMB_FILES, PREDICT_FILES
 
 SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 
@@ -28,7 +28,7 @@ SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 class Job:
     """One fold model over one image list: everything a predictor needs, as plain values."""
 
-    key: tuple  # (model_id, fold, "oof" | "test")
+    key: tuple  # (model_id, fold, "oof" | "test" | "query" | "gallery")
     run: str  # the run's location: an absolute directory or a URI
     weights: str  # run-relative
     cache: str | None  # run-relative decoded cache, or None
@@ -49,6 +49,7 @@ class Job:
     mean: tuple
     std: tuple
     on_bad_image: str
+    embedding_dim: int = 0  # a retrieval model's: the job outputs embeddings, not probabilities
     batch: int = 32  # images per loader batch: one forward pass of at most forward_batch images
 
 
@@ -60,9 +61,11 @@ class ModelPlan:
     config: dict
     out_dir: Path  # models/<id>/, or predict-smoke/<id>/ under --smoke (Run.predict_dir)
     oof: pd.DataFrame  # oof.parquet (its first rows per fold under --smoke): ids, order, no-TTA scores
-    y_true: np.ndarray  # oof's rows, encoded from folds.csv
+    y_true: np.ndarray | None  # oof's rows, encoded from folds.csv (None for retrieval)
     fold_ids: dict[int, list[str]] = field(default_factory=dict)  # held-out ids per fold, in job row order
     test_ids: list[str] | None = None
+    query_ids: list[str] | None = None  # retrieval
+    gallery_ids: list[str] | None = None
     jobs: dict[tuple, Job] = field(default_factory=dict)  # (fold, "oof" | "test") -> job
     paths: dict[tuple, list[str]] = field(default_factory=dict)  # (fold, split) -> absolute image paths
 
@@ -86,6 +89,9 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
         config = configs[model_id]
         spec = tta or config["data"].get("tta") or "orig"
         n_views = views_mod.count_views(spec)  # an unknown view: the registry's UserError
+        if config["task"] == "retrieval" and (per_view or merge != "mean"):
+            raise UserError(f"{model_id} is a retrieval model: its TTA views' embeddings are averaged, then "
+                            "L2-normalised; drop --per-view and --merge.")
         out_dir = run.predict_dir(model_id, smoke)
         why = None if force or smoke else outputs_done(out_dir, config, spec, merge, per_view)
         if why:
@@ -109,6 +115,9 @@ def outputs_done(model_dir: Path, config: dict, spec: str, merge: str, per_view:
     Complete means predict.json (written last) and every file it vouches for; with
     --per-view, the per-view files too. Other views or merge: kept, with a note."""
     needed = ["oof_tta.parquet"] + (["test.parquet"] if config["data"].get("test_manifest") else [])
+    if config["task"] == "retrieval":
+        sets = ["oof"] + (["query", "gallery"] if config["data"].get("query_manifest") else [])
+        needed = [name for name in EMB_FILES if name.split("/")[1].split(".")[0] in sets]
     if per_view:
         needed += ["oof_views.parquet"] + (["test_views.parquet"] if config["data"].get("test_manifest") else [])
     if not (model_dir / "predict.json").exists() or not all((model_dir / name).exists() for name in needed):
@@ -131,12 +140,14 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
         raise UserError(f"{run.show(run.model_dir(model_id) / 'oof.parquet')}: {len(missing)} id(s) not in "
                         f"folds.csv (first: {missing.head(5).tolist()}); the model was trained on another folds.csv: "
                         "restore the run's own folds.csv.")
-    plan = ModelPlan(model_id, config, out_dir, oof, encode_targets(folds.loc[oof["id"]], config["target"], config["classes"]))
-    train, test = _manifests(config, manifests)
+    retrieval = config["task"] == "retrieval"
+    y_true = None if retrieval else encode_targets(folds.loc[oof["id"]], config["target"], config["classes"])
+    plan = ModelPlan(model_id, config, out_dir, oof, y_true)
+    train, others = _manifests(config, manifests)
     image_of = train.frame.set_index("id")["image"]
     all_paths = [str(train.root / p) for p in image_of.loc[folds.index]]  # the sweep's cache holds these
-    if test is not None:
-        plan.test_ids = test.ids[: 2 * SMOKE_ROWS if smoke else None].tolist()
+    for split, manifest in others.items():  # test, or query + gallery
+        setattr(plan, f"{split}_ids", manifest.ids[: 2 * SMOKE_ROWS if smoke else None].tolist())
     for k in range(config["k"]):
         weights = run.fold_dir(model_id, k) / "weights.pt"
         run.pull(weights)
@@ -145,8 +156,8 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
                             "Resume the sweep to train it, or leave the model out with --models.")
         plan.fold_ids[k] = oof["id"][oof["fold"] == k].tolist()
         splits = {"oof": [str(train.root / p) for p in image_of.loc[plan.fold_ids[k]]]}
-        if test is not None:
-            splits["test"] = test.image_paths[: len(plan.test_ids)]
+        for split, manifest in others.items():
+            splits[split] = manifest.image_paths[: len(getattr(plan, f"{split}_ids"))]
         preprocess = _preprocess(run, config, k)
         for split, paths in splits.items():
             cache, cache_n, cache_rows = None, 0, None
@@ -172,21 +183,35 @@ def _job(config: dict, key: tuple, run: Run, weights: str, cache, cache_n, cache
                drop_path=params.get("drop_path", 0.0), task=config["task"], image_size=params["image_size"],
                preprocess=preprocess, tta=spec, n_views=n_views, merge=merge, per_view=per_view,
                amp=params.get("amp", True), mean=tuple(data["normalize"]["mean"]), std=tuple(data["normalize"]["std"]),
-               on_bad_image=data.get("on_bad_image", "raise"))
+               on_bad_image=data.get("on_bad_image", "raise"),
+               embedding_dim=params["embedding_dim"] if config["task"] == "retrieval" else 0)
 
 
 def _manifests(config: dict, seen: dict):
-    """The training and test manifests, every image checked to exist; read once per run."""
+    """The training manifest and the others to predict ({"test": ...} or {"query": ..., "gallery": ...}),
+    every image checked to exist; read once per run."""
     data = config["data"]
-    key = (data["manifest"], data["root"], data.get("test_manifest"))
+    splits = ("test", "query", "gallery")
+    key = (data["manifest"], data["root"], *(data.get(f"{s}_manifest") for s in splits))
     if key not in seen:
         train = read_manifest(data["manifest"], data["root"], target=Target(**config["target"]),
                               classes=config["classes"], check_images="exists")
-        # Test image paths are relative to the space's root, as the training images are.
-        test = read_manifest(data["test_manifest"], data["root"], require_target=False,
-                             check_images="exists") if data.get("test_manifest") else None
-        seen[key] = (train, test)
+        # Their image paths are relative to the space's root, as the training images are.
+        others = {s: read_manifest(data[f"{s}_manifest"], data["root"], require_target=False, check_images="exists")
+                  for s in splits if data.get(f"{s}_manifest")}
+        if "query" in others:
+            _check_query_gallery(others["query"], others["gallery"])
+        seen[key] = (train, others)
     return seen[key]
+
+
+def _check_query_gallery(query, gallery) -> None:
+    """Queries and gallery items are different images: an id in both would find itself."""
+    both = sorted(set(query.ids) & set(gallery.ids))
+    if both:
+        raise UserError(f"{len(both)} id(s) are in both {query.path} and {gallery.path} (first: {both[:5]}); a query "
+                        "must not be in the gallery it searches (it would find itself): give them distinct ids, or "
+                        "drop the duplicates from one of the two.")
 
 
 def _preprocess(run: Run, config: dict, fold: int) -> str:
@@ -197,10 +222,23 @@ def _preprocess(run: Run, config: dict, fold: int) -> str:
 
 
 def build_model(job: Job):
-    """The job's architecture with fresh weights (on the current torch device context)."""
-    from ensemble.models import create_model
+    """The job's architecture with fresh weights (on the current torch device context); retrieval: no head."""
+    from ensemble.models import EmbeddingNet, create_model
 
+    if job.embedding_dim:
+        return EmbeddingNet(create_model(job.backbone, 0, dropout=job.dropout, drop_path=job.drop_path),
+                            job.embedding_dim, 0)
     return create_model(job.backbone, job.n_classes, dropout=job.dropout, drop_path=job.drop_path)
+
+
+def load_weights(job: Job, path, map_location=None) -> dict:
+    """A checkpoint's state_dict as the job's model takes it (a retrieval model's without its training head)."""
+    import torch
+
+    from ensemble.models import without_head
+
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    return without_head(state) if job.embedding_dim else state
 
 
 def check_checkpoints(run: Run, plans: list[ModelPlan]) -> None:
@@ -216,7 +254,7 @@ def check_checkpoints(run: Run, plans: list[ModelPlan]) -> None:
         for k in range(plan.config["k"]):
             path = run.path(plan.jobs[k, "oof"].weights)
             try:
-                found = {key: tuple(v.shape) for key, v in torch.load(path, weights_only=True, mmap=True).items()}
+                found = {key: tuple(v.shape) for key, v in load_weights(job, path).items()}
             except Exception as exc:  # noqa: BLE001 - unpickling and zip errors come in many types
                 raise UserError(f"{run.show(path)}: not a readable state_dict ({type(exc).__name__}: {exc}); restore "
                                 "it or retrain the fold.") from None

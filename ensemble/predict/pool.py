@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from ensemble.errors import DISK_ERRORS, RunFailed, UserError, disk_error
-from ensemble.predict.plan import Job, build_model
-from ensemble.predict.tta import activate, merge_views
+from ensemble.predict.plan import Job, build_model, load_weights
+from ensemble.predict.tta import activate, merge_embeddings, merge_views
 from ensemble.run import Run
 
 ACTOR_RESTARTS = 2  # per actor; a third death ends the run (PredictFailed, exit 1; rerun to resume)
@@ -102,7 +102,7 @@ class Predictor:
         return torch
 
     def predict(self, job: Job, paths: list[str], start: int, stop: int) -> dict:
-        """Rows start..stop of `paths`: merged probabilities (and each view's with job.per_view)."""
+        """Rows start..stop of `paths`: "merged" probabilities (retrieval: embeddings), and "views" with job.per_view."""
         torch = self._torch()
         from ensemble.data.loader import normalize_batch
 
@@ -117,13 +117,15 @@ class Predictor:
                     continue
                 n, v = x.shape[:2]  # N x V x 3 x S x S uint8: all views of the batch in one forward pass
                 x = normalize_batch(x.to(self.device, non_blocking=True).flatten(0, 1), job.mean, job.std)
-                chunks.append(model(x).float().view(n, v, -1).cpu().numpy())
+                out = model.embed(x) if job.embedding_dim else model(x)
+                chunks.append(out.float().view(n, v, -1).cpu().numpy())
                 seen.append(index.numpy())
         rows = np.concatenate(seen or [np.zeros(0, int)])
         assert np.array_equal(np.sort(np.concatenate([rows, skipped])), np.arange(start, stop)), \
             "the loader lost rows"
-        logits = np.concatenate(chunks) if chunks else np.zeros((0, job.n_views, job.n_classes), np.float32)
-        outputs = {"proba": merge_views(logits, job.task, job.merge)}
+        width = job.embedding_dim or job.n_classes
+        logits = np.concatenate(chunks) if chunks else np.zeros((0, job.n_views, width), np.float32)
+        outputs = {"merged": merge_embeddings(logits) if job.embedding_dim else merge_views(logits, job.task, job.merge)}
         if job.per_view:
             outputs["views"] = activate(logits, job.task)
         out = {"key": job.key, "start": start, "loads": self.loads - loads}
@@ -139,15 +141,15 @@ class Predictor:
         return self.runs[job.run]
 
     def _model(self, job: Job):
-        torch = self._torch()
+        self._torch()  # the device
         run = self._run(job)
         weights = run.path(job.weights)
-        arch = (job.backbone, job.n_classes, job.dropout, job.drop_path)
+        arch = (job.backbone, job.n_classes, job.embedding_dim, job.dropout, job.drop_path)
         if self.model is None or self.model[0] != arch:  # built once per architecture; a new fold swaps weights only
             self.model, self.weights = (arch, build_model(job).to(self.device).eval()), None
         if self.weights != weights:
             run.pull(weights)  # a URI run: the URI's version into this node's mirror (one request when current)
-            self.model[1].load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+            self.model[1].load_state_dict(load_weights(job, weights, map_location=self.device))
             self.weights, self.loads = weights, self.loads + 1
         return self.model[1]
 
@@ -197,7 +199,7 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
     """Every item through the pool; `on_model_done(model_id, arrays)` as soon as all of a model's items are back.
 
     `sizes[(model_id, fold, split)]` is the number of rows of that image list; arrays are keyed
-    (fold, split, "proba" | "views")."""
+    (fold, split, "merged" | "views")."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -226,13 +228,13 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
                 raise PredictFailed(f"a predictor actor died more than {ACTOR_RESTARTS} times ({exc}); the models "
                                     "written so far are complete: rerun the same command to predict the rest.") from None
             model_id, fold, split = res["key"]
-            for name in ("proba", "views") if "views" in res else ("proba",):
+            for name in ("merged", "views") if "views" in res else ("merged",):
                 arr = results.setdefault((model_id, fold, split, name),
                                          np.empty((sizes[res["key"]], *res[name].shape[1:]), np.float32))
                 arr[res["start"]: res["start"] + len(res[name])] = res[name]
             loads += res["loads"]
-            bar.update(len(res["proba"]))
-            images += len(res["proba"])
+            bar.update(len(res["merged"]))
+            images += len(res["merged"])
             left[model_id] -= 1
             if not left[model_id]:
                 mine = {k[1:]: results.pop(k) for k in [k for k in results if k[0] == model_id]}

@@ -46,3 +46,13 @@ def merge_views(logits: np.ndarray, task: str, how: str = "mean") -> np.ndarray:
         return activate(z.mean(axis=1), task)
     p = np.exp((special.log_softmax(z, axis=-1) if task == "multiclass" else special.log_expit(z)).mean(axis=1))
     return p / p.sum(axis=-1, keepdims=True) if task == "multiclass" else p
+
+
+def merge_embeddings(embeddings: np.ndarray) -> np.ndarray:
+    """N x V x D embeddings -> N x D: the views' mean, then L2-normalised (float32).
+
+    A row whose mean is zero or not finite stays as it is (zero or NaN): the retrieve
+    stage names such rows instead of searching with them."""
+    mean = np.asarray(embeddings, dtype=np.float64).mean(axis=1)
+    norm = np.linalg.norm(mean, axis=1, keepdims=True)
+    return np.divide(mean, norm, out=mean.copy(), where=norm > 0).astype(np.float32)

@@ -40,8 +40,12 @@ MODELS, ENSEMBLE = "models", "ensemble"
 SPACE_FILE, FOLDS_FILE, LOCK_FILE, LEADERBOARD_FILE = "space.yaml", "folds.csv", "run.lock", "leaderboard.csv"
 STATUS_FILE, CONFIG_FILE, OOF_FILE = "status.json", "config.json", "oof.parquet"
 FOLD_FILES = ("weights.pt", "oof.parquet", "last.pt", "metrics.json")  # push order: metrics.json last
+# A retrieval model's embeddings (float16, L2-normalised): held-out rows by their own fold's model (rows x dims);
+# query and gallery sets by every fold model (folds x rows x dims). Each .npy has its ids beside it.
+EMB_SETS = ("oof", "query", "gallery")
+EMB_FILES = tuple(f"emb/{name}{ext}" for name in EMB_SETS for ext in (".npy", ".ids.parquet"))
 PREDICT_FILES = ("oof_tta.parquet", "test.parquet", "oof_views.parquet", "test_views.parquet", "submission.csv",
-                 "predict.json")  # predict.json last: its presence marks a complete set
+                 *EMB_FILES, "predict.json")  # predict.json last: its presence marks a complete set
 
 
 def total_epochs(config: dict) -> int:
@@ -116,6 +120,10 @@ class Run:
     @property
     def ensemble_dir(self) -> Path:
         return self.dir / ENSEMBLE
+
+    @property
+    def retrieval_dir(self) -> Path:
+        return self.dir / "retrieval"
 
     def model_dir(self, model_id: str) -> Path:
         return self.dir / MODELS / model_id

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ensemble.errors import cli_main
-from ensemble.metrics import METRICS
+from ensemble.metrics import PROBABILITY_METRICS
 from ensemble.run import locked, open_run
 from ensemble.stack.core import METHODS, MethodResult, print_summary, stack_run, write_ensemble
 
@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "meta-models, each scored under cross-validation.")
     p.add_argument("--run", required=True, help="run directory (folds.csv, models/), or its URI (s3://..., file://...)")
     p.add_argument("--method", default="all", choices=METHODS + ("all",), help="what to fit besides the baselines")
-    p.add_argument("--metric", help=f"{' | '.join(METRICS)} [the metric the sweep monitored]; with f2/fbeta "
+    p.add_argument("--metric", help=f"{' | '.join(PROBABILITY_METRICS)} [the metric the sweep monitored]; with f2/fbeta "
                                     "a multilabel run ranks every method after its own per-label thresholds")
     p.add_argument("--beta", type=float, default=2.0, help="F-beta's beta for thresholds (and --metric fbeta)")
     p.add_argument("--average", default="samples", help="F-beta averaging: samples | micro | macro")

@@ -178,12 +178,13 @@ def _submission(data, winner: MethodResult, test_pred: np.ndarray | None) -> byt
     return frame.to_csv(index=False).encode()
 
 
-def write_ensemble(run: Run, files: dict[str, bytes]) -> None:
-    """Write ensemble/ as one directory: built beside it, then swapped in, so it is never a mix of two stacks.
+def write_ensemble(run: Run, files: dict[str, bytes], out: Path | None = None) -> None:
+    """Write ensemble/ (or `out`) as one directory: built beside it, then swapped in, so it is never a mix of two
+    stacks.
 
     A URI has no directory rename: the old ensemble/ is deleted, then the files are uploaded,
     scores.csv last (its presence marks a complete stack there)."""
-    out = run.ensemble_dir
+    out = out or run.ensemble_dir
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +199,7 @@ def write_ensemble(run: Run, files: dict[str, bytes]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
             old.rename(out)
-        raise UserError(f"{run.show(out)}: cannot write the stack ({exc.strerror or exc}); ensemble/ is unchanged. "
+        raise UserError(f"{run.show(out)}: cannot write it ({exc.strerror or exc}); {out.name}/ is unchanged. "
                         "Free some space or fix the permissions, then run the same command again.") from None
     shutil.rmtree(old, ignore_errors=True)
     if run.store:

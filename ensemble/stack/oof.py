@@ -65,6 +65,10 @@ def _read_config(path: Path) -> dict:
     missing = [k for k in ("task", "classes", "target") if k not in config]
     if missing:
         raise UserError(f"{path}: missing key(s) {missing}; a model config needs task, classes, k and target.")
+    if config["task"] == "retrieval":
+        run_dir = path.parent.parent.parent
+        raise UserError(f"{run_dir} is a retrieval run: its models output embeddings, not probabilities to stack; "
+                        f"combine them with python -m ensemble.retrieve --run {run_dir}.")
     if config["task"] not in ("multiclass", "multilabel"):
         raise UserError(f"{path}: 'task' must be one of ['multiclass', 'multilabel']. Got {config['task']!r} instead.")
     if not isinstance(config["target"], dict) or "column" not in config["target"] or "form" not in config["target"]:

@@ -126,10 +126,14 @@ def _folds_frame(space: spaces.Space, manifest: Manifest, target: Target, run: R
     if max_rows and len(frame) > max_rows:
         frame = frame.sample(n=max_rows, random_state=space.seed).reset_index(drop=True)
     sub = manifest.subset(manifest.frame["id"].isin(frame["id"]))
-    y = sub.targets()
+    if space.task == "retrieval":  # whole identities per fold: a held-out fold's identities are new to its model
+        y = groups = pd.factorize(sub.frame[target.column])[0]
+    else:
+        y, groups = sub.targets(), sub.groups
+        y = y if target.task == "multilabel" else y.argmax(1)
     try:
-        fold = folds_mod.make_folds(y if target.task == "multilabel" else y.argmax(1), space.folds.k,
-                                    space.folds.strategy, space.folds.seed, groups=sub.groups, classes=sub.classes)
+        fold = folds_mod.make_folds(y, space.folds.k, space.folds.strategy, space.folds.seed, groups=groups,
+                                    classes=sub.classes)
     except UserError as exc:
         raise UserError(f"{space.path}: 'folds.k' {space.folds.k} does not fit {manifest.path}: {exc}") from None
     columns = ["id", target.column] + (["group"] if "group" in sub.frame else [])
@@ -143,10 +147,11 @@ def _model_config(space: spaces.Space, spec, manifest: Manifest, target: Target,
     """Everything a fold task needs to rebuild this model (written as models/<id>/config.json)."""
     data = dict(space.data, manifest=str(manifest.path), root=str(manifest.root),
                 normalize=_normalization(space, spec, manifest, folds, stats),
-                test_manifest=str(space.test_manifest_path) if space.test_manifest_path else None)
+                **{key: str(getattr(space, f"{key}_path")) if space.data[key] else None
+                   for key in ("test_manifest", "query_manifest", "gallery_manifest")})
     return {
         "model_id": spec.model_id, "backbone": spec.backbone, "params": spec.params, "searched": spec.searched,
-        "task": target.task, "classes": manifest.classes, "target": target.to_dict(),
+        "task": space.task, "classes": manifest.classes, "target": target.to_dict(),
         "k": space.folds.k, "folds": dict(space.folds), "data": data, "stages": [dict(s) for s in space.stages],
         "metric": space.metric, "mode": space.mode, "seed": space.seed,
         "pretrained": space.pretrained, "weights": space.weights.get(spec.backbone),

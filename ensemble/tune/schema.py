@@ -22,6 +22,7 @@ from ensemble.data import views
 from ensemble.data.folds import STRATEGIES
 from ensemble.data.manifest import BAD_IMAGE_POLICIES, FORMS
 from ensemble.errors import UserError
+from ensemble.heads import HEADS
 from ensemble.metrics import METRICS
 
 # timm.scheduler.create_scheduler_v2's names (timm has no function that lists them).
@@ -229,7 +230,15 @@ PARAMS = {
     "pos_weight": Rule(None, _one_of(None, "auto")),
     "image_size": Rule(224, _number(int, 8)),
     "amp": Rule(True, _bool),
+    # Retrieval only (task: retrieval); dropped from other tasks' params, so their model ids stay as they were.
+    "embedding_dim": Rule(512, _number(int, 2)),  # the neck: linear + batch norm to this width
+    "head": Rule("softmax", _one_of(*HEADS)),  # the training head over the embedding (ensemble.heads)
+    "scale": Rule(30.0, _positive),  # margin heads: logits = scale * cosine
+    "margin": Rule(0.3, _number(float, 0, 1)),  # arcface / subcenter: angle added; cosface: cosine subtracted
+    "subcenters": Rule(3, _number(int, 1)),  # subcenter: sub-centres per identity
 }
+RETRIEVAL_PARAMS = ("embedding_dim", "head", "scale", "margin", "subcenters")
+TASKS = ("multiclass", "multilabel", "retrieval")
 STAGE = {
     "epochs": Rule(REQUIRED, _number(int, 1), "an integer >= 1"),
     "freeze": Rule(False, _bool),
@@ -240,10 +249,13 @@ STAGE = {
 # A dict is a section, a one-item list a list of sections, a Rule one value.
 SCHEMA = {
     "description": Rule("", _string),
+    "task": Rule(None, _optional(_one_of(*TASKS))),  # null: from the target (tags: multilabel, else multiclass)
     "data": {
         "manifest": Rule(REQUIRED, _string, "a CSV/Parquet path, or demo:multiclass / demo:multilabel / demo:grouped"),
         "root": Rule(None, _optional(_string)),
         "test_manifest": Rule(None, _optional(_string)),
+        "query_manifest": Rule(None, _optional(_string)),  # retrieval: the queries (id, image)
+        "gallery_manifest": Rule(None, _optional(_string)),  # retrieval: what they search (id, image)
         "target": {"form": Rule(None, _optional(_one_of(*FORMS))), "column": Rule(None, _optional(_string)),
                    "maybe_weight": Rule(0.5, _number(float, 0, 1))},
         "classes": Rule(None, _optional(_strings)),

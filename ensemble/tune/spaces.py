@@ -31,7 +31,7 @@ from ensemble.data.manifest import FORMS, read_columns, resolve_target
 from ensemble.errors import UserError
 from ensemble.io import write_text
 from ensemble.metrics import DEFAULT_METRIC, METRICS, task_metrics
-from ensemble.tune.schema import OMIT, SCHEMA, _timm, check_keys
+from ensemble.tune.schema import OMIT, RETRIEVAL_PARAMS, SCHEMA, _timm, check_keys
 
 SIGNIFICANT_DIGITS = 4  # sampled floats are rounded, so ids and logs stay readable and stable
 REPO_SPACES = Path(ensemble.__file__).resolve().parent.parent / "tune_spaces"
@@ -43,7 +43,8 @@ UNCHECKED = ("description", "resources", "max_concurrent")
 # --------------------------------------------------------------------------- keys that depend on other keys
 
 DEMO_COLUMNS = {"multiclass": ("id", "image", "label"), "multilabel": ("id", "image", "tags"),
-                "grouped": ("id", "image", "label", "group"), "test": ("id", "image")}
+                "grouped": ("id", "image", "label", "group"), "retrieval": ("id", "image", "label"),
+                "test": ("id", "image"), "query": ("id", "image", "label"), "gallery": ("id", "image", "label")}
 
 
 def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
@@ -51,19 +52,23 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         raise UserError(f"{file}: {message}")
 
     data, folds, params = raw["data"], raw["folds"], raw["params"]
-    for key in ("manifest", "test_manifest", "root"):
+    for key in ("manifest", "test_manifest", "query_manifest", "gallery_manifest", "root"):
         data[key] = _resolve_path(data[key], f"data.{key}", folder, fail)
     if data["root"] is None and not data["manifest"].startswith("demo:"):
         data["root"] = str(Path(data["manifest"]).parent)
     columns = _manifest_columns(data["manifest"], fail)
     data["target"] = _resolve_target(data, columns, fail)
-    task = "multilabel" if data["target"]["form"] == "tags" else "multiclass"
+    task = raw["task"] = _resolve_task(raw["task"], data, fail)
 
-    folds["strategy"] = folds["strategy"] or ("multilabel" if task == "multilabel" else "stratified")
+    default = {"multilabel": "multilabel", "retrieval": "group"}.get(task, "stratified")
+    folds["strategy"] = folds["strategy"] or default
+    if task == "retrieval" and folds["strategy"] != "group":
+        fail(f"'folds.strategy' {folds['strategy']} does not fit retrieval: its folds hold out whole identities "
+             "(groups of the label column), as the test set does; use 'group' or drop the key.")
     if (folds["strategy"], task) in (("multilabel", "multiclass"), ("stratified", "multilabel")):
         fail(f"'folds.strategy' {folds['strategy']} does not fit a {task} target; "
              f"use {'multilabel' if task == 'multilabel' else 'stratified'!r}.")
-    if "group" in folds["strategy"] and columns is not None and "group" not in columns:
+    if "group" in folds["strategy"] and task != "retrieval" and columns is not None and "group" not in columns:
         fail(f"'folds.strategy' {folds['strategy']} needs a 'group' column; {data['manifest']} has {list(columns)}"
              f"{' (demo:grouped has one)' if data['manifest'].startswith('demo:') else ''}.")
 
@@ -77,6 +82,11 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         fail("'weights' are given but 'pretrained' is false; set pretrained: true to load them.")
     if set(given.get("params") or {}) & set(raw["search"]):
         fail(f"{sorted(set(given['params']) & set(raw['search']))} in both 'params' and 'search'; keep one.")
+    if task != "retrieval":
+        given_keys = set(given.get("params") or {}) | set(raw["search"])
+        if given_keys & set(RETRIEVAL_PARAMS):
+            fail(f"{sorted(given_keys & set(RETRIEVAL_PARAMS))} are retrieval params; this space's task is {task}.")
+        params = {k: v for k, v in params.items() if k not in RETRIEVAL_PARAMS}
     raw["params"] = {k: v for k, v in params.items() if k not in raw["search"]}  # the fixed ones
     if task == "multiclass" and params["pos_weight"] is not None:
         fail("'params.pos_weight' is for multilabel targets (data.target.form: tags); set it to null.")
@@ -93,8 +103,9 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
 
     metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
     if metric not in task_metrics(task):
-        fail(f"'metric' {metric} needs a multilabel target (data.target.form: tags); "
-             f"for this {task} target use one of {task_metrics(task)}.")
+        needs = "a multilabel target (data.target.form: tags)" if METRICS[metric].tasks == ("multilabel",) else \
+            f"task: {' or '.join(METRICS[metric].tasks)}"
+        fail(f"'metric' {metric} needs {needs}; for this {task} space use one of {task_metrics(task)}.")
     mode = METRICS[metric].mode
     if raw["mode"] not in (None, mode):
         fail(f"'mode' {raw['mode']} would pick the worst {metric}; use {mode!r} or drop 'mode'.")
@@ -104,11 +115,33 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     return raw
 
 
+def _resolve_task(task: str | None, data: dict, fail: Callable) -> str:
+    """The task from the target unless given; retrieval needs identity labels and query + gallery sets, no test set."""
+    form = data["target"]["form"]
+    inferred = "multilabel" if form == "tags" else "multiclass"
+    if task == "retrieval":
+        if form != "label":
+            fail(f"task retrieval needs an identity 'label' column (data.target.form: label); found form {form!r}.")
+        if data["test_manifest"]:
+            fail("'data.test_manifest' is for classification; a retrieval space sets data.query_manifest and "
+                 "data.gallery_manifest instead.")
+        if bool(data["query_manifest"]) != bool(data["gallery_manifest"]):
+            fail("'data.query_manifest' and 'data.gallery_manifest' go together: set both (or neither, to train "
+                 "and score on the folds alone).")
+        return task
+    if data["query_manifest"] or data["gallery_manifest"]:
+        fail(f"'data.query_manifest' / 'data.gallery_manifest' are for task: retrieval; this space's task is {task or inferred}.")
+    if task not in (None, inferred):
+        fail(f"'task' {task} does not fit the target (data.target.form {form}); use {inferred!r} or drop 'task'.")
+    return inferred
+
+
 def _resolve_path(value: str | None, key: str, folder: Path, fail: Callable) -> str | None:
     """A relative path is relative to the space file's folder; demo:* names are kept."""
     if value is None or not value.startswith("demo:"):
         return value and str((folder / Path(value).expanduser()).resolve())
-    allowed = {"data.manifest": VARIANTS, "data.test_manifest": ("test",)}.get(key, ())
+    allowed = {"data.manifest": VARIANTS, "data.test_manifest": ("test",), "data.query_manifest": ("query",),
+               "data.gallery_manifest": ("gallery",)}.get(key, ())
     if value[5:] not in allowed:
         fail(f"'{key}' {value!r} is no embedded demo data; use a file path or one of {[f'demo:{v}' for v in allowed]}.")
     return value
@@ -173,6 +206,7 @@ class Space:
     name: str
     path: Path
     description: str
+    task: str  # multiclass | multilabel | retrieval
     data: Section  # manifest, root, test_manifest, target {form, column, maybe_weight}, classes, on_bad_image,
     #                check_images, preprocess, augment, tta, normalize, cache
     folds: Section  # k, strategy, seed
@@ -196,10 +230,6 @@ class Space:
     raw: dict = field(repr=False)
 
     @property
-    def task(self) -> str:
-        return "multilabel" if self.data.target.form == "tags" else "multiclass"
-
-    @property
     def manifest_path(self) -> Path:
         """The training manifest (demo:* data is exported on first use)."""
         return _data_path(self.data.manifest)
@@ -207,6 +237,14 @@ class Space:
     @property
     def test_manifest_path(self) -> Path | None:
         return _data_path(self.data.test_manifest) if self.data.test_manifest else None
+
+    @property
+    def query_manifest_path(self) -> Path | None:
+        return _data_path(self.data.query_manifest) if self.data.query_manifest else None
+
+    @property
+    def gallery_manifest_path(self) -> Path | None:
+        return _data_path(self.data.gallery_manifest) if self.data.gallery_manifest else None
 
     @property
     def root_path(self) -> Path:
@@ -409,6 +447,10 @@ def check_frozen(space: Space, run_dir: Path) -> None:
         frozen = yaml.safe_load(frozen_path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{frozen_path}: the frozen space cannot be read ({e}); use a new --name.") from None
+    if isinstance(frozen, dict) and "task" not in frozen:  # frozen before spaces had 'task' and the retrieval sets
+        frozen["task"] = "multilabel" if (frozen.get("data") or {}).get("target", {}).get("form") == "tags" else "multiclass"
+        for key in ("query_manifest", "gallery_manifest"):
+            (frozen.get("data") or {}).setdefault(key, None)
     changes = [f"{key}: {_fmt(old)} -> {_fmt(new)}" for key, old, new in _diff(frozen, space.raw)
                if key.split(".")[0] not in UNCHECKED]
     if changes:

@@ -9,10 +9,16 @@ folder, so a resumed fold equals an uninterrupted one:
     last.pt        model + optimizer + history after the last finished epoch
     weights.pt     the best epoch's state_dict
     oof.parquet    the best epoch's held-out predictions: id, fold, one column per class
+                 (retrieval: id, fold only; predict writes the held-out embeddings)
     metrics.json   per-epoch history, best epoch, monitored metric, complete flag
 
 Every random draw of epoch e is seeded from (seed, fold, e), so restarting at
 epoch e from last.pt replays exactly what an uninterrupted run would do.
+
+A retrieval model (task: retrieval) trains an embedding net (`ensemble.models.EmbeddingNet`)
+as a classifier of its training folds' identities, through the space's head (softmax,
+ArcFace, CosFace, sub-center ArcFace); each epoch it is scored by retrieval on the
+held-out fold, whose identities it never saw: every held-out image queries the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from ensemble.data.loader import DecodedCache, ImageDataset, cache_path, create_
 from ensemble.data.manifest import Target, encode_targets, read_manifest
 from ensemble.io import atomic_path, write_json, write_parquet
 from ensemble.metrics import METRICS, is_better, task_metrics
-from ensemble.models import create_model, frozen_bn_eval, set_backbone_frozen
+from ensemble.models import create_embedding_model, create_model, frozen_bn_eval, set_backbone_frozen
 from ensemble.run import Run, stage_of, total_epochs
 
 
@@ -69,12 +75,16 @@ class FoldTrainer:
         cv2.setNumThreads(max(1, int(cpus)))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.params = config["params"]
+        self.retrieval = config["task"] == "retrieval"
         self._load_rows()
         torch.manual_seed(_seed(config["seed"], fold, 10_000))
-        self.model = create_model(
-            config["backbone"], len(config["classes"]), pretrained=config.get("pretrained", False),
-            weights=config.get("weights"), dropout=self.params["dropout"], drop_path=self.params["drop_path"],
-        ).to(self.device)
+        kwargs = dict(pretrained=config.get("pretrained", False), weights=config.get("weights"),
+                      dropout=self.params["dropout"], drop_path=self.params["drop_path"])
+        if self.retrieval:
+            self.model = create_embedding_model(config["backbone"], len(self.train_classes), self.params, **kwargs)
+        else:
+            self.model = create_model(config["backbone"], len(config["classes"]), **kwargs)
+        self.model.to(self.device)
         self._soft_ce = timm.loss.SoftTargetCrossEntropy()
         self.epoch, self.history, self.best = 0, [], None
         self._stage_index = None
@@ -91,11 +101,16 @@ class FoldTrainer:
         folds = pd.read_csv(self.run.folds_file, dtype={"id": str})
         frame = manifest.frame.set_index("id").loc[folds["id"]].reset_index()
         paths = [str(Path(data["root"]) / p) for p in frame["image"]]
-        y = encode_targets(frame, target, self.config["classes"])
         is_valid = folds["fold"].to_numpy() == self.fold
         self.paths = paths  # every row of folds.csv: one decoded cache for all folds and models
         self.train_rows, self.valid_rows = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
-        self.y_train, self.y_valid = y[~is_valid], y[is_valid]
+        if self.retrieval:  # identity codes: the head classifies this fold's training identities only
+            labels = frame[target.column].astype(str).to_numpy()
+            self.train_classes, self.y_train = np.unique(labels[~is_valid], return_inverse=True)
+            self.y_valid = np.unique(labels, return_inverse=True)[1][is_valid]  # compared for equality only
+        else:
+            y = encode_targets(frame, target, self.config["classes"])
+            self.y_train, self.y_valid = y[~is_valid], y[is_valid]
         self.train_ids, self.valid_ids = frame["id"][~is_valid].tolist(), frame["id"][is_valid].tolist()
         self.mean, self.std = data["normalize"]["mean"], data["normalize"]["std"]
 
@@ -111,7 +126,13 @@ class FoldTrainer:
 
     # ----------------------------------------------------------------- optimisation
 
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training logits; a margin head needs the labels (the margin applies to the true identity)."""
+        return self.model(x, y.long()) if self.retrieval else self.model(x)
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.retrieval:
+            return torch.nn.functional.cross_entropy(logits, y.long(), label_smoothing=self.params["label_smoothing"])
         if self.config["task"] == "multilabel":
             return torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=self._pos_weight)
         smoothing = self.params["label_smoothing"]
@@ -207,7 +228,7 @@ class FoldTrainer:
                 continue
             x, y = normalize_batch(x.to(self.device), self.mean, self.std), y.to(self.device)
             with torch.autocast(self.device.type, enabled=use_amp):
-                loss = self._loss(self.model(x), y)
+                loss = self._loss(self._forward(x, y), y)
             self.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(self.optimizer)
@@ -231,7 +252,10 @@ class FoldTrainer:
         return row
 
     @torch.no_grad()
-    def predict_valid(self, stage: dict) -> tuple[np.ndarray, float]:
+    def predict_valid(self, stage: dict) -> tuple[np.ndarray, float | None]:
+        """The held-out fold's probabilities and loss (retrieval: its L2-normalised embeddings, no loss)."""
+        if self.retrieval:
+            return self._embed_valid(stage), None
         dataset = self._dataset(self.valid_rows, self.y_valid, stage, train=False)
         loader = create_loader(dataset, self.params["batch_size"] * 2, cpus=self.cpus)
         self.model.eval()
@@ -249,15 +273,35 @@ class FoldTrainer:
             proba[index.numpy()] = act.numpy()
         return proba, sum(losses) / max(sum(len(o[0]) for o in outputs), 1)
 
+    def _embed_valid(self, stage: dict) -> np.ndarray:
+        dataset = self._dataset(self.valid_rows, None, stage, train=False)
+        loader = create_loader(dataset, self.params["batch_size"] * 2, cpus=self.cpus)
+        self.model.eval()
+        emb = np.full((len(self.valid_rows), self.params["embedding_dim"]), np.nan, dtype=np.float32)
+        for x, _, index, skipped in loader:
+            self.skipped_ids.update(self.valid_ids[i] for i in skipped)
+            if x is not None:
+                e = self.model.embed(normalize_batch(x.to(self.device), self.mean, self.std)).float()
+                emb[index.numpy()] = torch.nn.functional.normalize(e, dim=1).cpu().numpy()
+        return emb
+
     def score(self, proba: np.ndarray) -> dict:
         """Every metric a sweep of this task may monitor (ensemble.metrics.task_metrics)."""
         ok = ~np.isnan(proba).any(axis=1)  # rows skipped as unreadable images are not scored
         task = self.config["task"]
+        if self.retrieval:  # one leave-one-out search gives every retrieval metric
+            from ensemble.retrieve.metrics import leave_one_out
+
+            scores = leave_one_out(proba[ok], self.y_valid[ok])
+            return {name: float(scores[name]) for name in task_metrics(task)} | {"no_relevant": scores["no_relevant"]}
         return {name: float(METRICS[name](self.y_valid[ok], proba[ok], task)) for name in task_metrics(task)}
 
     def _write_best(self, proba: np.ndarray) -> None:
         with atomic_path(self.dir / "weights.pt") as tmp:
             torch.save(self.model.state_dict(), tmp)
+        if self.retrieval:  # the held-out ids only: predict embeds them (with TTA) from weights.pt
+            write_parquet(pd.DataFrame({"id": self.valid_ids, "fold": self.fold}), self.dir / "oof.parquet")
+            return
         # Rows of unreadable images (on_bad_image: skip, listed in metrics.json): the training prior,
         # so that every id keeps a prediction for the stacking layer.
         proba = np.where(np.isnan(proba), self.y_train.mean(axis=0), proba)

@@ -1,0 +1,71 @@
+"""Ensembles of embeddings: weighted concatenation, weights chosen greedily on out-of-fold retrieval.
+
+Concatenating unit embeddings `e_m` scaled by `sqrt(w_m / sum(w))` gives a unit vector whose
+cosine with another such vector is the weighted mean of the models' cosines, so a weight is
+exactly how much a model's similarity counts. Greedy selection (Caruana et al. 2004, with
+replacement) adds, one step at a time, the model whose added weight most improves the pooled
+leave-one-out score of the folds it is fitted on; the best prefix of its trajectory is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ensemble.retrieve.metrics import leave_one_out
+
+
+def combine(embeddings: list[np.ndarray], weights, dtype=np.float32) -> np.ndarray:
+    """The weighted concatenation of unit embeddings (rows x sum of the used models' dims, unit rows)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    used = np.flatnonzero(weights > 0)
+    scale = np.sqrt(weights[used] / weights[used].sum())
+    out = np.empty((len(embeddings[0]), sum(embeddings[m].shape[1] for m in used)), dtype)
+    start = 0
+    for m, s in zip(used, scale):  # one model at a time: no float32 copy of the whole concatenation
+        width = embeddings[m].shape[1]
+        out[:, start:start + width] = np.asarray(embeddings[m], dtype=np.float32) * np.float32(s)
+        start += width
+    return out
+
+
+def fold_scores(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, which=None) -> dict:
+    """Leave-one-out retrieval inside each fold (`which`: those folds only), pooled over all their queries.
+
+    Each held-out image queries the other held-out images of its fold: its identities are new
+    to the fold's model, as the test's are. Returns the metrics plus 'queries' and 'no_relevant'."""
+    per_fold = [leave_one_out(embeddings[folds == f], labels[folds == f])
+                for f in (np.unique(folds) if which is None else which)]
+    queries = np.array([s["queries"] for s in per_fold], dtype=np.float64)
+    pooled = {key: float(np.dot(queries, [s[key] for s in per_fold]) / queries.sum()) if queries.sum() else float("nan")
+              for key in per_fold[0] if key not in ("queries", "no_relevant")}
+    return pooled | {"queries": int(queries.sum()), "no_relevant": int(sum(s["no_relevant"] for s in per_fold))}
+
+
+class GreedyConcat:
+    """Greedy weights for concatenating models' embeddings, judged by pooled leave-one-out `metric`.
+
+    Attributes after `fit`: `weights_` (picks per model), `trajectory_` (score after each pick),
+    `picks_` (model index per step, the kept prefix), `score_`.
+    """
+
+    def __init__(self, metric: str = "digix", max_iterations: int = 10):
+        self.metric, self.max_iterations = metric, max_iterations
+
+    def fit(self, embeddings: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, which=None) -> "GreedyConcat":
+        counts = np.zeros(len(embeddings))
+        picks, trajectory = [], []
+        for _ in range(self.max_iterations):
+            trials = []
+            for m in range(len(embeddings)):
+                counts[m] += 1
+                trials.append(fold_scores(combine(embeddings, counts), labels, folds, which)[self.metric])
+                counts[m] -= 1
+            best = int(np.nanargmax(trials))  # ties: the lower index, as numpy's argmax
+            counts[best] += 1
+            picks.append(best)
+            trajectory.append(float(trials[best]))
+        keep = int(np.nanargmax(trajectory)) + 1  # the best prefix: later picks that did not help are dropped
+        self.picks_, self.trajectory_ = picks[:keep], trajectory
+        self.weights_ = np.bincount(self.picks_, minlength=len(embeddings)).astype(np.float64)
+        self.score_ = trajectory[keep - 1]
+        return self
