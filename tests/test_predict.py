@@ -94,12 +94,12 @@ def test_hflip_tta_of_flip_invariant_input_equals_no_tta(pristine, tmp_path, dem
 
     out = predictor.predict(job, sym, 0, len(sym))
     np.testing.assert_array_equal(out["views"][:, 0], out["views"][:, 1])  # bit-identical inputs, one forward
-    np.testing.assert_allclose(out["proba"], predictor.predict(plain, sym, 0, len(sym))["proba"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["merged"], predictor.predict(plain, sym, 0, len(sym))["merged"], rtol=0, atol=1e-6)
 
     out = predictor.predict(job, asym, 0, len(asym))
     assert np.abs(out["views"][:, 0] - out["views"][:, 1]).max() > 1e-4  # the flip really happened
-    np.testing.assert_allclose(out["proba"], out["views"].astype(np.float64).mean(1), rtol=0, atol=1e-7)
-    np.testing.assert_allclose(out["views"][:, 0], predictor.predict(plain, asym, 0, len(asym))["proba"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["merged"], out["views"].astype(np.float64).mean(1), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(out["views"][:, 0], predictor.predict(plain, asym, 0, len(asym))["merged"], rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- through the actor pool

@@ -174,3 +174,39 @@ def test_mismatched_dims_and_ids_are_named(tmp_path):
 def test_bad_options(tmp_path):
     proc = retrieve_cli("--run", tmp_path, "--k", 0)
     assert proc.returncode == 2 and "--k" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_identities_with_one_image_are_counted_not_scored(tmp_path):
+    _fails(_fresh(tmp_path, per_id=1), "no held-out image has another image of its identity", "nothing to score")
+    run_dir = _fresh(tmp_path / "mixed")
+    folds = pd.read_csv(run_dir / "folds.csv")
+    alone = folds.groupby("label").head(1).head(2)  # two identities keep one image each, in their folds
+    lonely = folds[~folds["label"].isin(alone["label"]) | folds["id"].isin(alone["id"])]
+    lonely.to_csv(run_dir / "folds.csv", index=False)
+    for model_dir in (run_dir / "models").iterdir():
+        ids = pd.read_parquet(model_dir / "emb" / "oof.ids.parquet")
+        keep = ids["id"].isin(lonely["id"]).to_numpy()
+        write_npy(np.load(model_dir / "emb" / "oof.npy")[keep], model_dir / "emb" / "oof.npy")
+        ids[keep].to_parquet(model_dir / "emb" / "oof.ids.parquet", index=False)
+    proc = retrieve_cli("--run", run_dir, "--smoke", "--option", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: 2 held-out image(s) are the only one of their identity in their fold" in proc.stdout
+    assert (pd.read_csv(run_dir / "retrieval" / "scores.csv")["no_relevant"] == 2).all()
+
+
+def test_zero_norm_embeddings_are_named_unless_predict_counted_them_unreadable(tmp_path):
+    run_dir = _fresh(tmp_path)
+    path = run_dir / "models" / "net-b" / "emb" / "gallery.npy"
+    emb = np.load(path)
+    emb[:, 3] = 0
+    write_npy(emb, path)
+    _fails(run_dir, "net-b/emb/gallery.npy", "rows [3] are all zero")
+    run_dir = _fresh(tmp_path / "skipped")
+    path = run_dir / "models" / "net-a" / "emb" / "oof.npy"
+    emb = np.load(path)
+    emb[5] = 0  # an unreadable held-out image under on_bad_image: skip, as predict writes it
+    write_npy(emb, path)
+    (path.parents[1] / "predict.json").write_text(json.dumps({"unreadable": {"oof": 1, "query": 0, "gallery": 0}}))
+    proc = retrieve_cli("--run", run_dir, "--smoke", "--option", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: 1 held-out row(s) without an embedding (unreadable images) are left out" in proc.stdout

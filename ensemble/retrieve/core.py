@@ -27,7 +27,7 @@ from ensemble.metrics import RETRIEVAL_METRICS
 from ensemble.retrieve.metrics import count_relevant, ranked_hits, retrieval_scores
 from ensemble.retrieve.rerank import alpha_qe, dba, k_reciprocal
 from ensemble.retrieve.search import search
-from ensemble.retrieve.select import GreedyConcat, combine, fold_scores
+from ensemble.retrieve.select import GreedyConcat, combine, fold_scores, pool_scores
 from ensemble.run import Run
 
 OPTIONS = ("qe", "dba", "dba+qe", "k_reciprocal")
@@ -117,10 +117,17 @@ def _read_set(run: Run, model_id: str, name: str, config: dict) -> tuple[np.ndar
         expected = f"{'' if want_ndim == 2 else str(config['k']) + ' folds x '}{len(ids)} rows x {dim} dims"
         raise UserError(f"{run.show(path)}: shape {emb.shape}, expected {expected} (its ids file lists {len(ids)} "
                         f"rows, config.json says embedding_dim {dim}); {redo}.")
-    bad = np.flatnonzero(~np.isfinite(emb.reshape(-1, dim)).all(axis=1)) % len(ids)
+    flat = emb.reshape(-1, dim)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)) % len(ids)
     if len(bad):
         raise UserError(f"{run.show(path)}: rows {sorted(set(bad.tolist()))[:5]} hold NaN or infinite values "
                         f"(a corrupt file or a diverged model); {redo}, or retrain the model.")
+    # predict stores unreadable images (on_bad_image: skip) as zero rows and counts them; any other zero row is damage.
+    zero = sorted(set((np.flatnonzero(~flat.any(axis=1)) % len(ids)).tolist()))
+    unreadable = json.loads((run.model_dir(model_id) / "predict.json").read_text()).get("unreadable", {}).get(name, 0)
+    if len(zero) > unreadable:
+        raise UserError(f"{run.show(path)}: rows {zero[:5]} are all zero (no direction to search with), more than "
+                        f"the {unreadable} unreadable image(s) predict.json counts; {redo}.")
     return emb, ids
 
 
@@ -158,10 +165,11 @@ def _answer_keys(config: dict, query_ids, gallery_ids) -> tuple[np.ndarray | Non
 
 
 def search_with(queries: np.ndarray, gallery: np.ndarray, k: int, option: str | None, *, same_set: bool,
-                expand: int = 3, alpha: float = 3.0) -> np.ndarray:
+                expand: int = 3, alpha: float = 3.0, backend: str = "numpy") -> np.ndarray:
     """Top-k gallery indices per query, after an option (None, 'qe', 'dba', 'dba+qe', 'k_reciprocal').
 
-    same_set: the queries are the gallery's rows (leave-one-out): a row never finds itself."""
+    same_set: the queries are the gallery's rows (leave-one-out): a row never finds itself.
+    backend: of the final search ("auto": faiss when installed)."""
     exclude = np.arange(len(queries)) if same_set else None
     if option == "k_reciprocal":
         return k_reciprocal(queries, gallery, k=k, same_set=same_set, max_items=RERANK_MAX_ITEMS)[1]
@@ -170,7 +178,7 @@ def search_with(queries: np.ndarray, gallery: np.ndarray, k: int, option: str | 
     if option in ("qe", "dba+qe"):
         scores, indices = search(queries, gallery, expand, exclude=exclude)
         queries = alpha_qe(queries, gallery, indices, scores, n=expand, alpha=alpha)
-    return search(queries, gallery, k, exclude=exclude)[1]
+    return search(queries, gallery, k, exclude=exclude, backend=backend)[1]
 
 
 def option_scores(emb: np.ndarray, labels: np.ndarray, folds: np.ndarray, option: str | None, **kw) -> dict:
@@ -181,9 +189,7 @@ def option_scores(emb: np.ndarray, labels: np.ndarray, folds: np.ndarray, option
         indices = search_with(emb[rows], emb[rows], 10, option, same_set=True, **kw)
         hits = ranked_hits(labels[rows], labels[rows], indices)
         parts.append(retrieval_scores(hits, count_relevant(labels[rows], labels[rows], exclude_self=True)))
-    queries = np.array([p["queries"] for p in parts], dtype=np.float64)
-    return {m: float(np.dot(queries, [p[m] for p in parts]) / queries.sum()) for m in RETRIEVAL_METRICS} | \
-        {"queries": int(queries.sum()), "no_relevant": int(sum(p["no_relevant"] for p in parts))}
+    return pool_scores(parts)
 
 
 # ------------------------------------------------------------------ the methods
@@ -206,10 +212,16 @@ class Method:
 def score_methods(data: RetrievalData, metric: str, options=OPTIONS, iterations: int = 10, **kw) -> list[Method]:
     """Every model alone, the equal and the greedy concatenation, then each option on the best of them."""
     n = len(data.model_ids)
+    print(f"scoring {n} model(s){', their concatenations' if n > 1 else ''} and {len(options)} option(s) on "
+          f"{len(np.unique(data.folds))} held-out folds ({len(data.ids)} images) ...", flush=True)
     rows = []
     for m, model_id in enumerate(data.model_ids):
         began = time.perf_counter()
         scores = fold_scores(data.oof[m], data.labels, data.folds)
+        if not scores["queries"]:
+            raise UserError(f"no held-out image has another image of its identity in its fold ({scores['no_relevant']} "
+                            "images, each alone): there is nothing to score. Retrieval folds need at least two images "
+                            "per identity.")
         rows.append(Method(f"single:{model_id}", scores, scores, np.eye(n)[m], seconds=time.perf_counter() - began))
     if n > 1:
         began = time.perf_counter()
@@ -238,9 +250,7 @@ def _greedy(data: RetrievalData, metric: str, iterations: int) -> Method:
         weights = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds,
                                                        which=[g for g in folds if g != f]).weights_
         parts.append(fold_scores(combine(data.oof, weights), data.labels, data.folds, which=[f]))
-    queries = np.array([p["queries"] for p in parts], dtype=np.float64)
-    cv = {m: float(np.dot(queries, [p[m] for p in parts]) / queries.sum()) for m in RETRIEVAL_METRICS} | \
-        {"queries": int(queries.sum()), "no_relevant": int(sum(p["no_relevant"] for p in parts))}
+    cv = pool_scores(parts)
     full = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds)
     in_sample = fold_scores(combine(data.oof, full.weights_), data.labels, data.folds)
     return Method("greedy_concat", cv, in_sample, full.weights_, seconds=time.perf_counter() - began,
@@ -275,7 +285,7 @@ def merged_sets(data: RetrievalData, method: Method, fold_merge: str) -> tuple[n
 def holdout_scores(data: RetrievalData, method: Method, fold_merge: str, k: int, **kw) -> dict:
     """A method's scores on the labelled query/gallery sets (the demo's unseen digits, a user's labelled split)."""
     q, g = merged_sets(data, method, fold_merge)
-    indices = search_with(q, g, k, method.option, same_set=False, **kw)
+    indices = search_with(q, g, k, method.option, same_set=False, backend="auto", **kw)
     hits = ranked_hits(data.query_labels, data.gallery_labels, indices)
     return retrieval_scores(hits, count_relevant(data.query_labels, data.gallery_labels))
 
@@ -287,7 +297,7 @@ def submission(data: RetrievalData, method: Method, fold_merge: str, k: int, **k
     if option != method.option:
         print(f"note: {method.name} is applied without k-reciprocal re-ranking: query + gallery hold "
               f"{len(q) + len(g)} rows, more than its dense limit {RERANK_MAX_ITEMS}")
-    indices = search_with(q, g, k, option, same_set=False, **kw)
+    indices = search_with(q, g, k, option, same_set=False, backend="auto", **kw)
     return pd.DataFrame({"id": data.query_ids, "gallery_ids": [" ".join(data.gallery_ids[i]) for i in indices]})
 
 

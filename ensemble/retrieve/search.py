@@ -45,7 +45,7 @@ def l2_normalize(x, what: str = "embeddings") -> np.ndarray:
 
 
 def search(queries, gallery, k: int, *, exclude=None, chunk_rows: int | None = None, memory_mb: float = 256,
-           backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+           backend: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
     """The k gallery rows most similar (dot product) to each query row, best first.
 
     Args:
@@ -57,6 +57,8 @@ def search(queries, gallery, k: int, *, exclude=None, chunk_rows: int | None = N
         chunk_rows: rows per query chunk and per gallery chunk; by default sized so that a
             block of scores and the converted gallery chunk fit in `memory_mb`.
         backend: "numpy", "faiss" (needs `pip install faiss-cpu`) or "auto" (faiss if importable).
+            numpy by default: faiss runs its own OpenMP threads, which in a fold worker holding
+            one CPU would compete with torch's; the retrieve stage's gallery search asks for auto.
 
     Returns:
         (scores float32, indices int64), both queries x min(k, n_gallery - (exclude given)),

@@ -33,12 +33,16 @@ def fold_scores(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, w
 
     Each held-out image queries the other held-out images of its fold: its identities are new
     to the fold's model, as the test's are. Returns the metrics plus 'queries' and 'no_relevant'."""
-    per_fold = [leave_one_out(embeddings[folds == f], labels[folds == f])
-                for f in (np.unique(folds) if which is None else which)]
-    queries = np.array([s["queries"] for s in per_fold], dtype=np.float64)
-    pooled = {key: float(np.dot(queries, [s[key] for s in per_fold]) / queries.sum()) if queries.sum() else float("nan")
-              for key in per_fold[0] if key not in ("queries", "no_relevant")}
-    return pooled | {"queries": int(queries.sum()), "no_relevant": int(sum(s["no_relevant"] for s in per_fold))}
+    return pool_scores([leave_one_out(embeddings[folds == f], labels[folds == f])
+                        for f in (np.unique(folds) if which is None else which)])
+
+
+def pool_scores(parts: list[dict]) -> dict:
+    """Per-fold score dicts as one: each metric averaged over all the folds' scored queries."""
+    queries = np.array([p["queries"] for p in parts], dtype=np.float64)
+    pooled = {key: float(np.dot(queries, [p[key] for p in parts]) / queries.sum()) if queries.sum() else float("nan")
+              for key in parts[0] if key not in ("queries", "no_relevant")}
+    return pooled | {"queries": int(queries.sum()), "no_relevant": int(sum(p["no_relevant"] for p in parts))}
 
 
 class GreedyConcat:
