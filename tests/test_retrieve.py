@@ -210,3 +210,41 @@ def test_zero_norm_embeddings_are_named_unless_predict_counted_them_unreadable(t
     proc = retrieve_cli("--run", run_dir, "--smoke", "--option", "none")
     assert proc.returncode == 0, proc.stderr
     assert "note: 1 held-out row(s) without an embedding (unreadable images) are left out" in proc.stdout
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_full_or_read_only_disk_leaves_the_previous_retrieval_whole(tmp_path, small_disk):
+    disk = small_disk("16m")
+    run_dir = write_retrieval_run(disk / "run")
+    first = retrieve_cli("--run", run_dir, "--smoke", "--option", "none")
+    assert first.returncode == 0, first.stderr
+    before = _tree(run_dir / "retrieval")
+    small_disk.fill(disk, leave=4096)  # the writability check passes; the new files do not fit
+    full = retrieve_cli("--run", run_dir, "--smoke")
+    assert full.returncode == 2 and full.stderr.count("\n") == 1 and "Traceback" not in full.stderr, full.stderr
+    assert "No space left on device" in full.stderr and "retrieval/ is unchanged" in full.stderr
+    assert _tree(run_dir / "retrieval") == before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".retrieval")]  # no temporary directory left
+    (disk / ".filler").unlink()
+    small_disk.read_only(disk)
+    ro = retrieve_cli("--run", run_dir, "--smoke")
+    assert ro.returncode == 2 and "Read-only file system" in ro.stderr, ro.stderr
+    assert _tree(run_dir / "retrieval") == before
+
+
+def test_a_run_in_use_by_another_command_is_refused(tmp_path):
+    import socket
+    import time
+
+    run_dir = _fresh(tmp_path)
+    holder = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the run
+    try:
+        (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                      "command": "python -m ensemble.predict --run x",
+                                                      "started": time.time(), "heartbeat": time.time()}))
+        _fails(run_dir, "this run is in use by python -m ensemble.predict")
+    finally:
+        holder.kill()
