@@ -84,7 +84,7 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
         raise UserError(f"{run.show()}: no complete model (one with oof.parquet, written when all its folds are "
                         "trained); finish the sweep first (python -m ensemble.tune ... --resume).")
     folds = read_run_folds(run, configs[complete[0]])
-    plans, skipped, manifests = [], {}, {}
+    skipped, todo = {}, []
     for model_id in complete:
         config = configs[model_id]
         spec = tta or config["data"].get("tta") or "orig"
@@ -97,9 +97,29 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
         if why:
             skipped[model_id] = why
             continue
-        plans.append(_plan_model(run, config, folds, out_dir, spec, merge, per_view, n_views, smoke, manifests))
+        todo.append((config, out_dir, spec, n_views))
+    freed = [config["model_id"] for config, *_ in todo if run.weights_pruned(config["model_id"])]
+    if freed:  # before any manifest is read; suggest the models asked for that keep their weights, else all of them
+        keep = [m for m in complete if not run.weights_pruned(m)] or \
+            [m for m in configs if run.model_state(m) == "complete" and not run.weights_pruned(m)]
+        raise _pruned_error(run, freed, keep)
+    manifests = {}
+    plans = [_plan_model(run, config, folds, out_dir, spec, merge, per_view, n_views, smoke, manifests)
+             for config, out_dir, spec, n_views in todo]
     check_checkpoints(run, plans)
     return plans, skipped
+
+
+def _pruned_error(run: Run, freed: list[str], keep: list[str]) -> UserError:
+    """Models whose checkpoints `python -m ensemble.prune` freed: their predictions are kept, never made again."""
+    one = len(freed) == 1
+    where = run.show(run.model_dir(freed[0]) / "status.json") if one else run.show(run.models_dir)
+    names = f"model {freed[0]}" if one else f"models {', '.join(freed)}"
+    instead = f"leave {'it' if one else 'them'} out with --models {','.join(keep)}" if keep else \
+        "no complete model of this run has its weights any more, so there is nothing left to predict"
+    return UserError(f"{where}: the weights of {names} were pruned (python -m ensemble.prune), so "
+                     f"{'it' if one else 'they'} cannot be predicted again; {'its' if one else 'their'} predictions "
+                     f"so far are kept for stack and report: {instead}.")
 
 
 def read_run_folds(run: Run, config: dict) -> pd.DataFrame:

@@ -7,7 +7,8 @@
   <run>/tune/attempt-N/                  Ray Tune's experiment dir of each launch
   <run>/cache/                           decoded uint8 images per (size, preprocess)
   <run>/models/<model_id>/config.json    everything needed to rebuild the model
-  <run>/models/<model_id>/status.json    {"state": "pruned"} when a scheduler stopped it
+  <run>/models/<model_id>/status.json    {"state": "pruned"} when a scheduler stopped it; {"state": "complete",
+                                         "weights": "pruned", ...} when python -m ensemble.prune freed its checkpoints
   <run>/models/<model_id>/oof.parquet    all k folds' held-out rows (when complete)
   <run>/models/<model_id>/fold<k>/       last.pt, weights.pt, oof.parquet, metrics.json
   <run>/models/<model_id>/oof_tta.parquet, test.parquet, predict.json   (predict; predict.json last)
@@ -40,6 +41,7 @@ MODELS, ENSEMBLE = "models", "ensemble"
 SPACE_FILE, FOLDS_FILE, LOCK_FILE, LEADERBOARD_FILE = "space.yaml", "folds.csv", "run.lock", "leaderboard.csv"
 STATUS_FILE, CONFIG_FILE, OOF_FILE = "status.json", "config.json", "oof.parquet"
 FOLD_FILES = ("weights.pt", "oof.parquet", "last.pt", "metrics.json")  # push order: metrics.json last
+CHECKPOINT_FILES = ("weights.pt", "last.pt")  # a fold's large files: weights to predict again, last to resume
 # A retrieval model's embeddings (float16, L2-normalised): held-out rows by their own fold's model (rows x dims);
 # query and gallery sets by every fold model (folds x rows x dims). Each .npy has its ids beside it.
 EMB_SETS = ("oof", "query", "gallery")
@@ -168,6 +170,15 @@ class Run:
         """Whether the run holds `path`: at the URI (not the local copy) for a URI run."""
         return self.store.exists(self.rel(path)) if self.store else self.path(self.rel(path)).exists()
 
+    def file_sizes(self, path: str | os.PathLike) -> dict[str, int]:
+        """Run-relative path -> bytes of every file under `path`: listed at the URI for a URI run (nothing
+        downloaded); hidden files (a write in progress) left out."""
+        if self.store:
+            return self.store.sizes(self.rel(path))
+        root = self.path(self.rel(path))
+        files = root.rglob("*") if root.is_dir() else [root]
+        return {self.rel(p): p.stat().st_size for p in files if p.is_file() and not p.name.startswith(".")}
+
     # ----------------------------------------------------------------- models
 
     def model_ids(self) -> list[str]:
@@ -202,14 +213,21 @@ class Run:
         return json.loads(path.read_text()) if path.exists() else None
 
     def model_state(self, model_id: str) -> str:
-        """'complete', 'pruned' or 'todo', from the model's own files (not from Tune's state)."""
-        model_dir = self.model_dir(model_id)
-        if (model_dir / OOF_FILE).exists():
+        """'complete', 'pruned' or 'todo', from the model's own files (not from Tune's state).
+
+        A model whose checkpoints `python -m ensemble.prune` freed stays 'complete': its predictions are."""
+        if (self.model_dir(model_id) / OOF_FILE).exists():
             return "complete"
-        status = model_dir / STATUS_FILE
-        if status.exists() and json.loads(status.read_text()).get("state") == "pruned":
-            return "pruned"
-        return "todo"
+        return "pruned" if self.read_status(model_id).get("state") == "pruned" else "todo"
+
+    def read_status(self, model_id: str) -> dict:
+        """models/<id>/status.json, or {} when the model has none (neither pruned nor freed)."""
+        path = self.model_dir(model_id) / STATUS_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def weights_pruned(self, model_id: str) -> bool:
+        """Whether `python -m ensemble.prune` freed this model's weights.pt: it cannot be predicted again."""
+        return self.read_status(model_id).get("weights") == "pruned"
 
     def trained_epochs(self) -> int:
         """Fold-epochs finished so far, over every model (0: nothing trained, the space may still change)."""
@@ -230,6 +248,12 @@ class Run:
     def mark_pruned(self, model_id: str, epoch: int | None) -> None:
         path = self.model_dir(model_id) / STATUS_FILE
         write_json({"state": "pruned", "epoch": epoch}, path)
+        self.push(path)
+
+    def mark_weights_pruned(self, model_id: str, **details) -> None:
+        """Record that a complete model's checkpoints are (about to be) freed; its predictions stay."""
+        path = self.model_dir(model_id) / STATUS_FILE
+        write_json({**self.read_status(model_id), "state": "complete", "weights": "pruned", **details}, path)
         self.push(path)
 
     def mark_complete(self, model_id: str, fold: int, stopped: str | None = None) -> None:

@@ -114,6 +114,10 @@ class RunStore:
                 self._download(f.path, local, f.mtime_ns)
         return True
 
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Base-relative path -> bytes of every file at the URI under `rel` (one listing, nothing downloaded)."""
+        return {Path(f.path).relative_to(self.base).as_posix(): f.size for f in self._list(rel) or []}
+
     def _list(self, rel: str) -> list | None:
         from pyarrow import fs
 

@@ -37,6 +37,32 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def label_width(labels) -> int:
+    """The column the model labels are padded to: 20 to 48 characters."""
+    return min(max(max(len(label) for label in labels), 20), 48)
+
+
+def eta(elapsed: float, done: int, total: int) -> float | None:
+    """Seconds left at the pace so far (`done` of `total` fold-epochs in `elapsed`); None before the first
+    fold-epoch and after the last."""
+    return elapsed / done * (total - done) if 0 < done < total else None
+
+
+def model_line(label: str, width: int, fold_epochs: int, total: int, metric: str, score: float | None,
+               best: float | None, elapsed: float | None, state: str) -> str:
+    """One model's line, as the sweep shows it and `python -m ensemble.status` prints it (module docstring)."""
+    parts = [f"{label:<{width}}", f"fold-epochs {fold_epochs:>{len(str(total))}}/{total}"]
+    if score is not None:
+        parts.append(f"{metric} {score:.4f} (best {best:.4f})")
+    if elapsed is not None:
+        parts.append(_clock(elapsed))
+        left = eta(elapsed, fold_epochs, total) if state == "training" else None
+        if left is not None:
+            parts.append(f"ETA {_clock(left)}")
+    parts.append(state)
+    return "  ".join(parts)
+
+
 @dataclass
 class _Model:
     label: str
@@ -66,8 +92,7 @@ class SweepProgress:
         self.models = {c["model_id"]: _Model(model_label(c["backbone"], searched.get(c["model_id"], {})), c["k"],
                                              total_epochs(c)) for c in configs}
         self.began, self.drawn, self.last_tick = time.time(), 0, 0.0
-        width = max(len(m.label) for m in self.models.values())
-        self.width = min(max(width, 20), 48)
+        self.width = label_width(m.label for m in self.models.values())
         slots = sum(m.total for m in self.models.values())
         self._print(f"Sweep: {len(self.models)} model(s) x {configs[0]['k']} folds, {slots} fold-epochs "
                     f"({metric}, {'lower' if mode == 'min' else 'higher'} is better)")
@@ -122,24 +147,15 @@ class SweepProgress:
 
     def line(self, model_id: str) -> str:
         m = self.models[model_id]
-        now = m.ended or time.time()
-        elapsed = now - m.started if m.started else 0.0
-        parts = [f"{m.label:<{self.width}}", f"fold-epochs {m.fold_epochs:>{len(str(m.total))}}/{m.total}"]
-        if m.score is not None:
-            parts.append(f"{self.metric} {m.score:.4f} (best {m.best:.4f})")
-        if m.started:
-            parts.append(_clock(elapsed))
-        if m.state == "training" and 0 < m.fold_epochs < m.total:
-            parts.append(f"ETA {_clock(elapsed / m.fold_epochs * (m.total - m.fold_epochs))}")
-        parts.append(m.state)
-        return "  ".join(parts)
+        elapsed = (m.ended or time.time()) - m.started if m.started else None
+        return model_line(m.label, self.width, m.fold_epochs, m.total, self.metric, m.score, m.best, elapsed, m.state)
 
     def footer(self) -> str:
         done = sum(m.fold_epochs for m in self.models.values())
         total = sum(m.total for m in self.models.values())
         elapsed = time.time() - self.began
-        eta = f", ETA {_clock(elapsed / done * (total - done))}" if 0 < done < total else ""
-        return f"{done}/{total} fold-epochs, {_clock(elapsed)} elapsed{eta}"
+        left = eta(elapsed, done, total)
+        return f"{done}/{total} fold-epochs, {_clock(elapsed)} elapsed" + (f", ETA {_clock(left)}" if left is not None else "")
 
     def _changed(self, model_id: str) -> None:
         if self.tty:
