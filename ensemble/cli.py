@@ -1,4 +1,5 @@
-"""The `ensemble` console script: `ensemble tune|predict|stack|retrieve|demo ...` runs the stage's own CLI."""
+"""The `ensemble` console script: `ensemble tune|predict|stack|retrieve|report|status|prune|demo ...` runs the
+stage's own CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ COMMANDS = {  # command -> (its CLI module, what it does)
     "predict": ("ensemble.predict.cli", "TTA predictions of the test set and the held-out folds"),
     "stack": ("ensemble.stack.cli", "combine the out-of-fold predictions: greedy, thresholds, meta-models"),
     "retrieve": ("ensemble.retrieve.cli", "search the gallery: models' embeddings, their weighted concatenation, re-ranking"),
+    "report": ("ensemble.report.cli", "one self-contained HTML page per run: leaderboard, curves, diversity, stacking"),
+    "status": ("ensemble.status", "what a live or finished run has done, and what is left (reads files only)"),
+    "prune": ("ensemble.prune", "free the checkpoints of models the ensemble does not use (asks for --yes)"),
     "demo": ("ensemble.demo", "the whole flow on the embedded demo digits"),
 }
 USAGE = "usage: ensemble {" + ",".join(COMMANDS) + "} [options]   (each takes --help)\n\n" + "\n".join(

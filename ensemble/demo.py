@@ -5,6 +5,7 @@
   3. the demo sweep: 2 tiny timm backbones x 2 learning rates x 3 folds on Ray Tune (python -m ensemble.tune --space demo)
   4. TTA predictions for the test set and every held-out fold, on a Ray actor pool (python -m ensemble.predict)
   5. the stacking layer on the out-of-fold predictions (python -m ensemble.stack)
+  6. the run's report, one HTML page (python -m ensemble.report): its path is the last line
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from ensemble.tune import cli as tune
 
     manifest = datasets.demo_manifest("multiclass")
-    print(f"[1/5] demo data: {manifest.parent} (4,000 training digits, 1,000 test digits, "
+    print(f"[1/6] demo data: {manifest.parent} (4,000 training digits, 1,000 test digits, "
           f"variants: {', '.join(datasets.VARIANTS)})")
     name = "demo-smoke" if args.smoke else "demo"
     run_dir = Path(args.storage) / name
@@ -83,20 +84,26 @@ def main(argv=None) -> int:
             run_dir.rename(aside)
             print(f"note: tune_spaces/demo.yaml changed since {run_dir} was made; the old run is now {aside}")
     sheet = views_sheet(manifest, run_dir / "views.png")
-    print(f"[2/5] views of 4 digits ({SHEET_VIEWS}): {sheet}")
-    print("[3/5] sweep: python -m ensemble.tune --space demo")
+    print(f"[2/6] views of 4 digits ({SHEET_VIEWS}): {sheet}")
+    print("[3/6] sweep: python -m ensemble.tune --space demo")
     code = tune.main(sweep)
     if code:
         return code
-    print(f"[4/5] TTA prediction: python -m ensemble.predict --run {run_dir}")
+    print(f"[4/6] TTA prediction: python -m ensemble.predict --run {run_dir}")
     from ensemble.predict import cli as predict
     from ensemble.stack import cli as stack
 
     code = predict.main(["--run", str(run_dir)])
     if code:
         return code
-    print(f"[5/5] stacking: python -m ensemble.stack --run {run_dir} --method all")
-    return stack.main(["--run", str(run_dir), "--method", "all"])
+    print(f"[5/6] stacking: python -m ensemble.stack --run {run_dir} --method all")
+    code = stack.main(["--run", str(run_dir), "--method", "all"])
+    if code:
+        return code
+    from ensemble.report import cli as report
+
+    print(f"[6/6] report: python -m ensemble.report --run {run_dir}")
+    return report.main(["--run", str(run_dir)])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ENSEMBLE = str(Path(sys.executable).parent / "ensemble")
 def test_help_exits_0_and_lists_the_stages(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: ensemble {tune,predict,stack,retrieve,demo}") and "python -m ensemble.predict" in out
+    assert out.startswith("usage: ensemble {tune,predict,stack,retrieve,report,status,prune,demo}") and "python -m ensemble.predict" in out
 
 
 def test_no_or_an_unknown_command_is_exit_2(capsys):
@@ -25,7 +25,7 @@ def test_no_or_an_unknown_command_is_exit_2(capsys):
     assert "unknown command 'tuen'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", ["tune", "predict", "stack", "retrieve"])
+@pytest.mark.parametrize("stage", ["tune", "predict", "stack", "retrieve", "report", "status", "prune"])
 def test_each_stage_help_from_the_console_script(stage):
     proc = subprocess.run([ENSEMBLE, stage, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and f"usage: python -m ensemble.{stage}" in proc.stdout, proc.stderr

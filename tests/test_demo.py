@@ -31,6 +31,8 @@ def test_demo_runs_end_to_end_then_resumes(tmp_path, demo_dir):
     scores = pd.read_csv(run / "ensemble" / "scores.csv")
     assert {"mean", "greedy", "lgbm", "xgb", "ridge", "logreg"} <= set(scores["method"])
     assert len(pd.read_csv(run / "ensemble" / "submission.csv")) == 1000
+    page = run / "report" / "index.html"
+    assert page.is_file() and first.stdout.rstrip().splitlines()[-1].endswith(f"{page.name}")  # the path, last
     # Run again: the sweep resumes (nothing to train) and prediction skips the finished models.
     again = run_demo(tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

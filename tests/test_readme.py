@@ -23,6 +23,10 @@ EXPECT = {
     "python -m ensemble.tune --space demo_retrieval": "Leaderboard (digix",
     "python -m ensemble.predict --run runs/demo_retrieval": "oof_tta digix",
     "python -m ensemble.retrieve --run runs/demo_retrieval": "winner: ",
+    "python -m ensemble.report --run runs/mine": "index.html",
+    "python -m ensemble.status --run runs/mine": "fold-epochs",
+    "python -m ensemble.prune --run runs/mine --keep selected --yes": "freed",
+    "python -m ensemble.prune --run runs/mine --keep selected": "nothing deleted",
     "python -m ensemble.tune --space demo --name mine --resume": "Nothing to train",
     "python -m ensemble.tune": "Leaderboard (log_loss",
     "python -m ensemble.predict --run runs/mine --per-view": "view rotate:5",
@@ -30,7 +34,7 @@ EXPECT = {
     "python -m ensemble.stack": "winner:",
     "python scripts/select_ensemble.py": "cross-validated over 3",
     "ensemble stack": "greedy ",
-    "ensemble --help": "usage: ensemble {tune,predict,stack,retrieve,demo}",
+    "ensemble --help": "usage: ensemble {tune,predict,stack,retrieve,report,status,prune,demo}",
 }
 
 
