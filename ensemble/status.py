@@ -131,6 +131,19 @@ def _scores(folds: list[dict], metric: str, mode: str) -> tuple[int, float | Non
     return epoch, means[-1], (min if mode == "min" else max)(means)
 
 
+def model_state(run: Run, config: dict, live: bool, errors: dict[str, str]) -> str:
+    """complete / pruned / training / failed / interrupted / todo (the module docstring says how each is told);
+    `live`: a sweep holds the run now; `errors`: tune_errors(run). The report uses this rule too."""
+    model_id = config["model_id"]
+    # At a URI, exists() asks the URI: the scratch copy holds no oof.parquet (status pulls small files only).
+    state = "complete" if run.exists(run.model_dir(model_id) / OOF_FILE) else run.model_state(model_id)
+    started = any((run.read_metrics(model_id, f) or {}).get("epochs", 0) or
+                  (run.fold_dir(model_id, f) / "running.json").exists() for f in range(config["k"]))
+    if state == "todo" and started:
+        state = "training" if live else "failed" if model_id in errors else "interrupted"
+    return state
+
+
 def model_status(run: Run, config: dict, live: bool, errors: dict[str, str],
                  now: float) -> tuple[dict, list[tuple[float, float]]]:
     """One model's state, progress, scores and times (module docstring), and the spans its epochs ran."""
@@ -140,11 +153,7 @@ def model_status(run: Run, config: dict, live: bool, errors: dict[str, str],
     folds = [{"fold": f, "metrics": run.read_metrics(model_id, f),
               "running": _read_json(run.fold_dir(model_id, f) / "running.json")} for f in range(k)]
     done = sum(min((f["metrics"] or {}).get("epochs", 0), epochs) for f in folds)
-    started = done > 0 or any(f["running"] for f in folds)
-    # At a URI, exists() asks the URI: the scratch copy holds no oof.parquet (status pulls small files only).
-    state = "complete" if run.exists(run.model_dir(model_id) / OOF_FILE) else run.model_state(model_id)
-    if state == "todo" and started:
-        state = "training" if live else "failed" if model_id in errors else "interrupted"
+    state = model_state(run, config, live, errors)
     epoch, score, best = _scores(folds, metric, mode)
     spans = _spans(folds, state == "training", now)
     elapsed = _active_seconds(spans) if spans else None

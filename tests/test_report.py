@@ -151,11 +151,14 @@ def test_model_states(tmp_path):
     (run / "models/convnext-c3/oof.parquet").unlink()
     (run / "models/convnext-c3/fold1/running.json").write_text('{"pid": 1, "epoch": 1}')
     (run / "models/vit-d4/oof.parquet").unlink()
-    (run / "models/vit-d4/status.json").write_text('{"state": "failed"}')
-    page = build(run)
-    assert "1 complete</span> · <span class=\"state-running\">1 running" in page and "1 pruned" in page
+    error = run / "tune/attempt-1/run_model_00003/error.txt"  # where Ray Tune records a trial's failure
+    error.parent.mkdir(parents=True)
+    (error.parent / "params.json").write_text('{"model_id": "vit-d4"}')
+    error.write_text("RuntimeError: out of memory")
+    page = build(run)  # the status command's rule: started, not complete, no sweep running
+    assert "1 complete</span> · <span class=\"state-pruned\">1 pruned" in page and "1 interrupted" in page
     states = pd.read_csv(run / "report/leaderboard.csv").set_index("model_id")["state"].to_dict()
-    assert states == {"resnet-a1": "complete", "effnet-b2": "pruned", "convnext-c3": "running", "vit-d4": "failed"}
+    assert states == {"resnet-a1": "complete", "effnet-b2": "pruned", "convnext-c3": "interrupted", "vit-d4": "failed"}
     assert "diversity" not in sections(page)  # one complete model
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 from ensemble.errors import UserError
 from ensemble.metrics import METRICS
 from ensemble.run import Run
+from ensemble.status import model_state, tune_errors
 from ensemble.tune.progress import model_label
 
 RECALL_KS = tuple(range(1, 11))  # the recall@k curve of a retrieval run
@@ -50,7 +51,7 @@ class ModelRow:
 
     model_id: str
     label: str
-    state: str  # complete | pruned | failed | running | todo
+    state: str  # complete | pruned | failed | interrupted | todo (ensemble.status.model_state)
     fold_scores: list[float | None]
     best_epochs: list[int | None]
     histories: list[list[dict]]  # per fold: metrics.json "history" rows
@@ -172,20 +173,13 @@ def _mode(metric: str) -> str:
 # ------------------------------------------------------------------ the run and its models
 
 
-def _state(run: Run, model_id: str, k: int) -> str:
-    """complete / pruned from the run's own rule; else failed (status.json), running (running.json) or todo."""
-    with _reading(run, run.model_dir(model_id) / "status.json"):
-        state = run.model_state(model_id)
-    if state != "todo":
-        return state
-    if ((_json(run, run.model_dir(model_id) / "status.json") or {}).get("state")) == "failed":
-        return "failed"
-    if any((run.fold_dir(model_id, f) / "running.json").exists() for f in range(k)):
-        return "running"
-    return "todo"
+def _state(run: Run, config: dict, errors: dict[str, str]) -> str:
+    """The status command's rule (ensemble.status.model_state); no sweep runs while the report holds the lock."""
+    with _reading(run, run.model_dir(config["model_id"]) / "status.json"):
+        return model_state(run, config, live=False, errors=errors)
 
 
-def _model_row(run: Run, config: dict) -> ModelRow:
+def _model_row(run: Run, config: dict, errors: dict[str, str]) -> ModelRow:
     model_id, k, metric = config["model_id"], int(config["k"]), config.get("metric")
     folds = []
     for f in range(k):
@@ -196,7 +190,7 @@ def _model_row(run: Run, config: dict) -> ModelRow:
     histories = [m.get("history") or [] for m in folds]
     seconds = [row.get("seconds") or 0.0 for h in histories for row in h]
     row = ModelRow(model_id, model_label(config.get("backbone", model_id), config.get("searched") or {}),
-                   _state(run, model_id, k), scores, [m.get("best_epoch") for m in folds], histories,
+                   _state(run, config, errors), scores, [m.get("best_epoch") for m in folds], histories,
                    mean=float(np.mean(known)) if known else None,
                    std=float(np.std(known)) if len(known) > 1 else None,  # as the sweep's leaderboard.csv
                    train_seconds=float(sum(seconds)) if seconds else None)
@@ -387,7 +381,8 @@ def collect(run: Run) -> Report:
     if "id" not in folds.columns:
         raise UserError(f"{run.show(run.folds_file)}: no 'id' column; use the folds.csv the sweep wrote.")
     configs = run.configs()
-    models = [_model_row(run, config) for config in configs.values()]
+    errors = tune_errors(run)
+    models = [_model_row(run, config, errors) for config in configs.values()]
     first = next(iter(configs.values()), {})
     metric = first.get("metric")
     mode = first.get("mode") or (_mode(metric) if metric else "min")

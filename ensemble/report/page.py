@@ -92,7 +92,7 @@ def _run_section(report: Report, space_href: str | None) -> dict:
     states: dict[str, list[str]] = {}
     for m in report.models:
         states.setdefault(m.state, []).append(m.label)
-    order = ["complete", "running", "todo", "pruned", "failed"]
+    order = ["complete", "training", "todo", "pruned", "interrupted", "failed"]
     return {"info": info, "space_href": space_href, "states": sorted(states.items(), key=lambda s: order.index(s[0]))}
 
 
