@@ -312,7 +312,7 @@ def recall_curves(curves: dict[str, list[float]], ks: tuple[int, ...], methods: 
     ax.yaxis.set_major_locator(MaxNLocator(6))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)
-    ax.set_title("Retrieval: recall@k on held-out folds (leave-one-out within each fold)")
+    ax.set_title("Recall@k on the held-out folds (leave-one-out)")
     return _png(fig)
 
 
