@@ -145,6 +145,7 @@ def test_outputs_match_the_contract(predicted, pristine):
         np.testing.assert_allclose(test[classes].to_numpy(), merged, rtol=0, atol=1e-6)
         meta = json.loads((d / "predict.json").read_text())
         assert meta["tta"] == "orig,hflip" and meta["views"] == ["orig", "hflip"] and meta["merge"] == "mean"
+        assert meta["seconds"] > 0  # the actors' time on the model: the report's predict time
         assert {"oof log_loss", "oof_tta log_loss", "view orig", "view hflip"} <= set(summary["scores"][model_id])
     from ensemble.stack.oof import load_run
 

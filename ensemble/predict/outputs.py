@@ -4,7 +4,7 @@
                     by its own fold's model
   test.parquet      id + classes: the mean of the k fold models' TTA predictions, in the test
                     manifest's order
-  predict.json      the views and merge rule used, the OOF scores; its presence marks the set
+  predict.json      the views and merge rule used, the OOF scores, the actors' seconds; its presence marks the set
                     complete (a crash mid-write leaves no predict.json, so the model is redone)
   oof_views.parquet, test_views.parquet   with --per-view
   submission.csv    with --submission
@@ -68,7 +68,8 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
     for name, frame in files.items():
         write_parquet(frame, plan.out_dir / name)
     write_json({"tta": job.tta, "views": names, "merge": job.merge, "forward_batch": job.batch * len(names),
-                "scores": scores, "unreadable": unreadable}, plan.out_dir / "predict.json")
+                "scores": scores, "unreadable": unreadable, "seconds": results.get("seconds")},
+               plan.out_dir / "predict.json")
     return scores
 
 
@@ -100,8 +101,8 @@ def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, floa
         write_parquet(ids, plan.out_dir / "emb" / f"{name}.ids.parquet")
     job = plan.jobs[0, "oof"]
     write_json({"tta": job.tta, "views": view_names(job.tta), "merge": job.merge, "forward_batch": job.batch * job.n_views,
-                "embedding_dim": job.embedding_dim, "scores": scores, "unreadable": unreadable},
-               plan.out_dir / "predict.json")
+                "embedding_dim": job.embedding_dim, "scores": scores, "unreadable": unreadable,
+                "seconds": results.get("seconds")}, plan.out_dir / "predict.json")
     return scores
 
 

@@ -199,7 +199,7 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
     """Every item through the pool; `on_model_done(model_id, arrays)` as soon as all of a model's items are back.
 
     `sizes[(model_id, fold, split)]` is the number of rows of that image list; arrays are keyed
-    (fold, split, "merged" | "views")."""
+    (fold, split, "merged" | "views"), and "seconds" is the actors' time spent on the model."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -207,7 +207,7 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
     left: dict[str, int] = {}
     for job, *_ in items:
         left[job.key[0]] = left.get(job.key[0], 0) + 1
-    results, images, loads = {}, 0, 0
+    results, images, loads, seconds = {}, 0, 0, {}
     pool = ActorPool(actors)
     for item in items:
         pool.submit(lambda actor, it: actor.predict.remote(*it), item)
@@ -233,10 +233,12 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
                                          np.empty((sizes[res["key"]], *res[name].shape[1:]), np.float32))
                 arr[res["start"]: res["start"] + len(res[name])] = res[name]
             loads += res["loads"]
+            seconds[model_id] = seconds.get(model_id, 0.0) + res["seconds"]
             bar.update(len(res["merged"]))
             images += len(res["merged"])
             left[model_id] -= 1
             if not left[model_id]:
                 mine = {k[1:]: results.pop(k) for k in [k for k in results if k[0] == model_id]}
+                mine["seconds"] = seconds.pop(model_id)  # the actors' time on this model, summed
                 bar.write(on_model_done(model_id, mine))
     return {"images": images, "loads": loads}
