@@ -11,6 +11,9 @@ Packages in reading order (the flow of docs/design.md):
   predict  TTA on a Ray actor pool                                         (python -m ensemble.predict)
   stack    OOF loading, greedy selection, thresholds, meta-models          (python -m ensemble.stack)
   retrieve exact kNN, retrieval metrics, QE / re-ranking, embedding concat (python -m ensemble.retrieve)
+  report   one self-contained HTML page per run                            (python -m ensemble.report)
+  status   a live or finished run's progress, from its files alone        (python -m ensemble.status)
+  prune    free the checkpoints of models the ensemble does not use       (python -m ensemble.prune)
   demo     the end-to-end demo behind `make demo`                          (python -m ensemble.demo)
 
 Use it as a library: the names below are importable from `ensemble` directly; each is

@@ -210,7 +210,7 @@ def stages(run: Run, task: str | None, models: list[dict]) -> dict:
     where = run.show()
     complete = [m for m in models if m["state"] == "complete"]
     then = (lambda stage: f"python -m ensemble.{stage} --run {where}") if complete else (lambda stage: None)
-    report = run.path("report", "index.html")
+    report = run.report_dir / "index.html"
     return {
         "predict": {"done": sum(m["predicted"] for m in complete), "models": len(complete),
                     "command": then("predict")},

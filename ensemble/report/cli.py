@@ -29,7 +29,7 @@ def report(args: argparse.Namespace, command: str = "python -m ensemble.report")
     with open_run(args.run) as run:
         if not run.store:
             run.check()  # not a run: said before anything is created
-        out = Path(args.out).expanduser().resolve() if args.out else run.dir / "report"
+        out = Path(args.out).expanduser().resolve() if args.out else run.report_dir
         if args.out:
             _check_out(run, out)
         # A report outside the run is a local directory of its own: nothing to upload for a URI run.

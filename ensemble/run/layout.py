@@ -12,7 +12,10 @@
   <run>/models/<model_id>/oof.parquet    all k folds' held-out rows (when complete)
   <run>/models/<model_id>/fold<k>/       last.pt, weights.pt, oof.parquet, metrics.json
   <run>/models/<model_id>/oof_tta.parquet, test.parquet, predict.json   (predict; predict.json last)
+  <run>/models/<model_id>/emb/           (predict, retrieval runs) oof/query/gallery .npy + .ids.parquet
   <run>/ensemble/                        (stack) written as one directory, swapped in at the end
+  <run>/retrieval/                       (retrieve) scores.csv, selection.json, submission.csv: the same way
+  <run>/report/                          (report) index.html, its PNGs, leaderboard.csv: the same way
 
 A `Run` is that layout at a location (a directory, or a URI with a local working
 copy): path helpers, listing and reading models, and the checks every stage
@@ -126,6 +129,10 @@ class Run:
     @property
     def retrieval_dir(self) -> Path:
         return self.dir / "retrieval"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.dir / "report"
 
     def model_dir(self, model_id: str) -> Path:
         return self.dir / MODELS / model_id
