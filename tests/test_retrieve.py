@@ -248,3 +248,58 @@ def test_a_run_in_use_by_another_command_is_refused(tmp_path):
         _fails(run_dir, "this run is in use by python -m ensemble.predict")
     finally:
         holder.kill()
+
+
+def test_a_file_uri_run_is_retrieved_and_written_at_the_uri(tmp_path):
+    run_dir = write_retrieval_run(tmp_path / "bucket" / "run")
+    env_cache = {"ENSEMBLE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "ensemble.retrieve", "--run", run_dir.as_uri(), "--smoke"],
+                          capture_output=True, text=True, env=dict(os.environ, **env_cache), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (run_dir / "retrieval").iterdir()) == ["scores.csv", "selection.json",
+                                                                        "submission.csv"]
+
+
+def test_an_option_on_greedy_weights_is_scored_with_each_folds_own_weights(run_dir):
+    """Greedy weights are fitted: an option applied on top must score fold f with the weights chosen without f,
+    so 'greedy + no option' reproduces greedy's own CV exactly (not its in-sample score)."""
+    from ensemble.retrieve.core import _greedy, option_scores
+
+    data = load_embeddings(Run(run_dir))
+    greedy = _greedy(data, "digix", 4)
+    assert set(greedy.fold_weights) == set(np.unique(data.folds))
+    again = option_scores(data, greedy.fold_weights, None)
+    assert again == pytest.approx(greedy.cv)
+    assert option_scores(data, {f: greedy.weights for f in greedy.fold_weights}, None) == pytest.approx(greedy.in_sample)
+
+
+def test_unreadable_query_and_gallery_images_are_left_out_of_every_option(tmp_path):
+    run_dir = _fresh(tmp_path)
+    for model_dir in (run_dir / "models").iterdir():  # as predict stores unreadable images: zero rows, counted
+        for name, row in (("query", 2), ("gallery", 7)):
+            path = model_dir / "emb" / f"{name}.npy"
+            emb = np.load(path)
+            emb[:, row] = 0
+            write_npy(emb, path)
+        (model_dir / "predict.json").write_text(json.dumps({"unreadable": {"oof": 0, "query": 1, "gallery": 1}}))
+    for option in ("qe", "dba", "dba+qe", "k_reciprocal"):
+        proc = retrieve_cli("--run", run_dir, "--iterations", 2, "--option", option, "--k", 5)
+        assert proc.returncode == 0, (option, proc.stdout + proc.stderr)
+        assert "1 query image(s) have no embedding" in proc.stdout
+        sub = pd.read_csv(run_dir / "retrieval" / "submission.csv", keep_default_na=False)
+        gallery = pd.read_csv(run_dir / "gallery.csv")["id"]
+        assert sub["gallery_ids"][2] == "" and (sub["gallery_ids"].drop(2).str.split().str.len() == 5).all()
+        assert not sub["gallery_ids"].str.contains(gallery[7]).any()  # never found
+
+
+@pytest.mark.parametrize("option", [None, "qe", "dba", "dba+qe", "k_reciprocal"])
+def test_search_with_each_option_skips_zero_rows(option):
+    from ensemble.retrieve.core import search_with
+
+    rng = np.random.default_rng(3)
+    q, g = (rng.standard_normal((n, 8)).astype(np.float32) for n in (6, 30))
+    q, g = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q, g))
+    q[4], g[11] = 0, 0
+    indices = search_with(q, g, 5, option, same_set=False)
+    assert indices.shape == (6, 5) and (indices[4] == -1).all()
+    assert (np.delete(indices, 4, axis=0) >= 0).all() and not (indices == 11).any()

@@ -83,7 +83,8 @@ def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, floa
     labels = folds.loc[plan.oof["id"], config["target"]["column"]].to_numpy()
     order = pd.Index([i for f in range(k) for i in plan.fold_ids[f]]).get_indexer(plan.oof["id"])
     oof = np.concatenate([results[f, "oof", "merged"] for f in range(k)])[order]
-    is_fold = [plan.oof["fold"].to_numpy() == f for f in range(k)]
+    ok = np.isfinite(oof).all(axis=1)  # rows of unreadable images are NaN: not scored (as in training)
+    is_fold = [(plan.oof["fold"].to_numpy() == f) & ok for f in range(k)]
     trained = [(run.read_metrics(plan.model_id, f) or {}).get("best_score") for f in range(k)]
     scores = {f"oof {metric}": float(np.mean(trained)) if None not in trained else float("nan"),
               f"oof_tta {metric}": float(np.mean([leave_one_out(oof[rows], labels[rows])[metric] for rows in is_fold]))}

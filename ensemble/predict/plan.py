@@ -93,7 +93,7 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
             raise UserError(f"{model_id} is a retrieval model: its TTA views' embeddings are averaged, then "
                             "L2-normalised; drop --per-view and --merge.")
         out_dir = run.predict_dir(model_id, smoke)
-        why = None if force or smoke else outputs_done(out_dir, config, spec, merge, per_view)
+        why = None if force or smoke else outputs_done(run, out_dir, config, spec, merge, per_view)
         if why:
             skipped[model_id] = why
             continue
@@ -129,7 +129,7 @@ def read_run_folds(run: Run, config: dict) -> pd.DataFrame:
     return folds.set_index("id")
 
 
-def outputs_done(model_dir: Path, config: dict, spec: str, merge: str, per_view: bool) -> str | None:
+def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str, per_view: bool) -> str | None:
     """Why a model's outputs can be kept, or None when it must be predicted.
 
     Complete means predict.json (written last) and every file it vouches for; with
@@ -140,7 +140,8 @@ def outputs_done(model_dir: Path, config: dict, spec: str, merge: str, per_view:
         needed = [name for name in EMB_FILES if name.split("/")[1].split(".")[0] in sets]
     if per_view:
         needed += ["oof_views.parquet"] + (["test_views.parquet"] if config["data"].get("test_manifest") else [])
-    if not (model_dir / "predict.json").exists() or not all((model_dir / name).exists() for name in needed):
+    # run.exists asks the URI of a URI run: its .npy embeddings are not among the pulled artifacts.
+    if not (model_dir / "predict.json").exists() or not all(run.exists(model_dir / name) for name in needed):
         return None
     done = json.loads((model_dir / "predict.json").read_text())
     if (done.get("tta"), done.get("merge")) != (spec, merge):

@@ -125,6 +125,9 @@ class Predictor:
             "the loader lost rows"
         width = job.embedding_dim or job.n_classes
         logits = np.concatenate(chunks) if chunks else np.zeros((0, job.n_views, width), np.float32)
+        if job.embedding_dim and not np.isfinite(logits).all():  # NaN stays for unreadable images only
+            raise UserError(f"{job.key[0]} fold {job.key[1]}: its weights.pt gives NaN or infinite embeddings (the "
+                            "model diverged): retrain it with a lower lr, or leave it out with --models.")
         outputs = {"merged": merge_embeddings(logits) if job.embedding_dim else merge_views(logits, job.task, job.merge)}
         if job.per_view:
             outputs["views"] = activate(logits, job.task)

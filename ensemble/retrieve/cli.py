@@ -12,6 +12,7 @@ from ensemble.metrics import RETRIEVAL_METRICS
 from ensemble.retrieve.core import (
     FOLD_MERGES,
     OPTIONS,
+    applied_option,
     holdout_scores,
     load_embeddings,
     score_methods,
@@ -45,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.k < 1 or args.expand < 1 or args.iterations < 1:
         raise UserError(f"--k, --expand and --iterations must be >= 1; got {args.k}, {args.expand}, {args.iterations}.")
+    if not args.alpha >= 0:
+        raise UserError(f"--alpha must be >= 0 (similarity ** alpha weighs the neighbours); got {args.alpha}.")
     return args
 
 
@@ -68,10 +71,12 @@ def retrieve(args: argparse.Namespace, command: str = "python -m ensemble.retrie
             if data.query_ids is not None:
                 if data.query_labels is not None:
                     for r in rows:
-                        r.holdout = holdout_scores(data, r, args.fold_merge, args.k, **kw)
+                        r.holdout = holdout_scores(data, r, args.fold_merge, **kw)
                 files["submission.csv"] = submission(data, winner, args.fold_merge, args.k, **kw).to_csv(
                     index=False).encode()
-            selection = {"winner": winner.name, "metric": metric, "option": winner.option, "fold_merge": args.fold_merge,
+            n_test = len(data.query_ids) + len(data.gallery_ids) if data.query_ids is not None else 0
+            selection = {"winner": winner.name, "metric": metric, "option": applied_option(winner, n_test),
+                         "fold_merge": args.fold_merge,
                          "k": args.k, "weights": dict(zip(data.model_ids, winner.weights.tolist())),
                          "trajectory": next((r.trajectory for r in rows if r.name == "greedy_concat"), []),
                          "cv": winner.cv, "holdout": winner.holdout}

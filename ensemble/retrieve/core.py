@@ -1,14 +1,15 @@
 """The retrieve stage: a run's embeddings -> every method scored out of fold -> retrieval/ written as one set.
 
 `load_embeddings` reads and checks each retrieval model's emb/ files (written by
-predict). `retrieve_run` scores, on the held-out folds (each held-out image queries
+predict). `score_methods` scores, on the held-out folds (each held-out image queries
 the rest of its fold, whose identities its model never saw):
   single:<model>   each model alone
   concat_equal     every model's embedding concatenated, equal weights
   greedy_concat    weights chosen greedily (ensemble.retrieve.select), cross-validated:
                    for fold f they are chosen on the other folds
 then, on the best of those, each query-expansion / re-ranking option (+qe, +dba,
-+dba+qe, +k_reciprocal: fixed parameters, nothing fitted, so CV = in-sample). The
++dba+qe, +k_reciprocal: fixed parameters; on greedy weights, fold f's CV score uses the
+weights chosen without fold f, as greedy_concat's own does). The
 best method by CV is applied to the query and gallery sets: `submission.csv`
 holds each query's top-k gallery ids. docs/retrieval.md is the manual.
 """
@@ -24,7 +25,7 @@ import pandas as pd
 
 from ensemble.errors import UserError
 from ensemble.metrics import RETRIEVAL_METRICS
-from ensemble.retrieve.metrics import count_relevant, ranked_hits, retrieval_scores
+from ensemble.retrieve.metrics import count_relevant, leave_one_out, ranked_hits, retrieval_scores
 from ensemble.retrieve.rerank import alpha_qe, dba, k_reciprocal
 from ensemble.retrieve.search import search
 from ensemble.retrieve.select import GreedyConcat, combine, fold_scores, pool_scores
@@ -52,6 +53,7 @@ class RetrievalData:
     gallery_labels: np.ndarray | None = None
     dropped: int = 0  # held-out rows without an embedding in some model (unreadable images)
     metric: str = "digix"
+    merged: dict = field(default_factory=dict)  # (split, model index, fold merge) -> merged query/gallery rows
 
 
 # ------------------------------------------------------------------ loading and checks
@@ -86,6 +88,9 @@ def load_embeddings(run: Run, models: list[str] | None = None) -> RetrievalData:
         keep &= emb.any(axis=1)  # an all-zero row: an unreadable image (on_bad_image: skip)
         data.oof.append(emb)
     data.dropped = int((~keep).sum())
+    if not keep.any():
+        raise UserError(f"{run.show()}: no held-out row has an embedding in every model (all rows zero); rerun "
+                        f"python -m ensemble.predict --run {run.show()} --force.")
     data.ids, data.labels, data.folds = data.ids[keep], data.labels[keep], data.folds[keep]
     data.oof = [emb[keep] for emb in data.oof]
     _check_dims(run, model_ids, data.oof)
@@ -105,6 +110,8 @@ def _read_set(run: Run, model_id: str, name: str, config: dict) -> tuple[np.ndar
     path = run.model_dir(model_id) / "emb" / f"{name}.npy"
     ids_path = path.with_name(f"{name}.ids.parquet")
     redo = f"rerun python -m ensemble.predict --run {run.show()} --models {model_id} --force"
+    run.pull(path)  # a URI run: the embeddings are not among the artifacts pulled up front
+    run.pull(ids_path)
     try:
         emb = np.load(path, mmap_mode="r")
         ids = pd.read_parquet(ids_path)
@@ -117,18 +124,28 @@ def _read_set(run: Run, model_id: str, name: str, config: dict) -> tuple[np.ndar
         expected = f"{'' if want_ndim == 2 else str(config['k']) + ' folds x '}{len(ids)} rows x {dim} dims"
         raise UserError(f"{run.show(path)}: shape {emb.shape}, expected {expected} (its ids file lists {len(ids)} "
                         f"rows, config.json says embedding_dim {dim}); {redo}.")
-    flat = emb.reshape(-1, dim)
-    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)) % len(ids)
+    bad, zero = _bad_rows(emb.reshape(-1, dim))
+    bad = bad % len(ids)
     if len(bad):
         raise UserError(f"{run.show(path)}: rows {sorted(set(bad.tolist()))[:5]} hold NaN or infinite values "
                         f"(a corrupt file or a diverged model); {redo}, or retrain the model.")
     # predict stores unreadable images (on_bad_image: skip) as zero rows and counts them; any other zero row is damage.
-    zero = sorted(set((np.flatnonzero(~flat.any(axis=1)) % len(ids)).tolist()))
+    zero = sorted(set((zero % len(ids)).tolist()))
     unreadable = json.loads((run.model_dir(model_id) / "predict.json").read_text()).get("unreadable", {}).get(name, 0)
     if len(zero) > unreadable:
         raise UserError(f"{run.show(path)}: rows {zero[:5]} are all zero (no direction to search with), more than "
                         f"the {unreadable} unreadable image(s) predict.json counts; {redo}.")
     return emb, ids
+
+
+def _bad_rows(flat: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(rows with a NaN or infinite value, all-zero rows), read `chunk` rows at a time (a mapped file stays mapped)."""
+    bad, zero = [], []
+    for start in range(0, len(flat), chunk):
+        part = np.asarray(flat[start:start + chunk])
+        bad.append(np.flatnonzero(~np.isfinite(part).all(axis=1)) + start)
+        zero.append(np.flatnonzero(~part.any(axis=1)) + start)
+    return np.concatenate(bad or [np.zeros(0, int)]), np.concatenate(zero or [np.zeros(0, int)])
 
 
 def _same_ids(run: Run, model_id: str, name: str, ids: pd.Series, expected, ordered: bool) -> None:
@@ -148,17 +165,26 @@ def _check_dims(run: Run, model_ids: list[str], oof: list[np.ndarray]) -> None:
 
 
 def _answer_keys(config: dict, query_ids, gallery_ids) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The query and gallery labels when both manifests have the label column (a labelled hold-out set)."""
+    """The query and gallery labels when both manifests have the label column for every id (a labelled hold-out
+    set); else (None, None): the answer keys are optional, their absence only skips the hold-out scores."""
     from pathlib import Path
 
     from ensemble.data.manifest import read_table
 
     column = config["target"]["column"]
-    frames = [read_table(Path(config["data"][f"{s}_manifest"])) for s in ("query", "gallery")]
-    if not all(column in f for f in frames):
-        return None, None
-    return tuple(f.set_index("id").loc[ids, column].astype(str).str.strip().to_numpy()
-                 for f, ids in zip(frames, (query_ids, gallery_ids)))
+    keys = []
+    for split, ids in (("query", query_ids), ("gallery", gallery_ids)):
+        try:
+            frame = read_table(Path(config["data"][f"{split}_manifest"]))
+        except (UserError, OSError):  # e.g. the manifests stayed on the machine that trained
+            return None, None
+        if column not in frame:
+            return None, None
+        labels = frame.set_index("id")[column].reindex(ids).astype(str).str.strip()
+        if labels.isin(["", "nan"]).any():  # unlabelled rows: no full answer key
+            return None, None
+        keys.append(labels.to_numpy())
+    return keys[0], keys[1]
 
 
 # ------------------------------------------------------------------ searching with an option
@@ -170,6 +196,14 @@ def search_with(queries: np.ndarray, gallery: np.ndarray, k: int, option: str | 
 
     same_set: the queries are the gallery's rows (leave-one-out): a row never finds itself.
     backend: of the final search ("auto": faiss when installed)."""
+    if not same_set:  # zero rows (unreadable images) have no direction: never searched with nor found
+        q_ok, g_ok = np.flatnonzero(queries.any(axis=1)), np.flatnonzero(gallery.any(axis=1))
+        if len(q_ok) < len(queries) or len(g_ok) < len(gallery):
+            found = search_with(queries[q_ok], gallery[g_ok], k, option, same_set=False, expand=expand, alpha=alpha,
+                                backend=backend)
+            out = np.full((len(queries), found.shape[1]), -1, np.int64)
+            out[q_ok] = np.where(found >= 0, g_ok[found], -1)
+            return out
     exclude = np.arange(len(queries)) if same_set else None
     if option == "k_reciprocal":
         return k_reciprocal(queries, gallery, k=k, same_set=same_set, max_items=RERANK_MAX_ITEMS)[1]
@@ -181,14 +215,16 @@ def search_with(queries: np.ndarray, gallery: np.ndarray, k: int, option: str | 
     return search(queries, gallery, k, exclude=exclude, backend=backend)[1]
 
 
-def option_scores(emb: np.ndarray, labels: np.ndarray, folds: np.ndarray, option: str | None, **kw) -> dict:
-    """An option's leave-one-out scores inside each fold, pooled over all queries."""
+def option_scores(data: RetrievalData, weights: dict, option: str | None, **kw) -> dict:
+    """An option's leave-one-out scores inside each fold, pooled over all queries; fold f's embedding is the
+    concatenation with `weights[f]` (for greedy weights: those chosen without fold f)."""
     parts = []
-    for f in np.unique(folds):
-        rows = folds == f
-        indices = search_with(emb[rows], emb[rows], 10, option, same_set=True, **kw)
-        hits = ranked_hits(labels[rows], labels[rows], indices)
-        parts.append(retrieval_scores(hits, count_relevant(labels[rows], labels[rows], exclude_self=True)))
+    for f in np.unique(data.folds):
+        rows = data.folds == f
+        emb, labels = combine([e[rows] for e in data.oof], weights[f]), data.labels[rows]
+        indices = search_with(emb, emb, 10, option, same_set=True, **kw)
+        hits = ranked_hits(labels, labels, indices)
+        parts.append(retrieval_scores(hits, count_relevant(labels, labels, exclude_self=True)))
     return pool_scores(parts)
 
 
@@ -207,6 +243,10 @@ class Method:
     seconds: float = 0.0
     holdout: dict | None = None
     trajectory: list = field(default_factory=list)
+    fold_weights: dict | None = None  # fold -> the weights its CV score used (greedy: chosen without that fold)
+
+    def weights_for(self, fold) -> np.ndarray:
+        return self.weights if self.fold_weights is None else self.fold_weights[fold]
 
 
 def score_methods(data: RetrievalData, metric: str, options=OPTIONS, iterations: int = 10, **kw) -> list[Method]:
@@ -229,15 +269,18 @@ def score_methods(data: RetrievalData, metric: str, options=OPTIONS, iterations:
         rows.append(Method("concat_equal", scores, scores, np.ones(n), seconds=time.perf_counter() - began))
         rows.append(_greedy(data, metric, iterations))
     base = max(rows, key=lambda r: r.cv[metric])
-    emb = combine(data.oof, base.weights)
+    folds = np.unique(data.folds)
     for option in options:
         if option == "k_reciprocal" and max(np.bincount(data.folds)) > RERANK_MAX_ITEMS:
             print(f"skipped +k_reciprocal: a fold holds more than {RERANK_MAX_ITEMS} rows (dense re-ranking)")
             continue
         began = time.perf_counter()
-        scores = option_scores(emb, data.labels, data.folds, option, **kw)
-        rows.append(Method(f"{base.name}+{option}", scores, scores, base.weights, option,
-                           seconds=time.perf_counter() - began))
+        # The option fits nothing, but greedy weights do: its CV uses the weights chosen without each fold.
+        cv = option_scores(data, {f: base.weights_for(f) for f in folds}, option, **kw)
+        in_sample = cv if base.fold_weights is None else option_scores(data, {f: base.weights for f in folds},
+                                                                         option, **kw)
+        rows.append(Method(f"{base.name}+{option}", cv, in_sample, base.weights, option,
+                           seconds=time.perf_counter() - began, fold_weights=base.fold_weights))
     return rows
 
 
@@ -245,16 +288,16 @@ def _greedy(data: RetrievalData, metric: str, iterations: int) -> Method:
     """Greedy weights, cross-validated: fold f's queries are scored with weights chosen on the other folds."""
     began = time.perf_counter()
     folds = np.unique(data.folds)
-    parts = []
+    cache, fold_weights, parts = {}, {}, []  # one cache: the fits share their (weights, fold) scores
     for f in folds:
-        weights = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds,
-                                                       which=[g for g in folds if g != f]).weights_
-        parts.append(fold_scores(combine(data.oof, weights), data.labels, data.folds, which=[f]))
-    cv = pool_scores(parts)
-    full = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds)
+        fold_weights[f] = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds,
+                                                               which=[g for g in folds if g != f], cache=cache).weights_
+        rows = data.folds == f
+        parts.append(leave_one_out(combine([e[rows] for e in data.oof], fold_weights[f]), data.labels[rows]))
+    full = GreedyConcat(metric, iterations).fit(data.oof, data.labels, data.folds, cache=cache)
     in_sample = fold_scores(combine(data.oof, full.weights_), data.labels, data.folds)
-    return Method("greedy_concat", cv, in_sample, full.weights_, seconds=time.perf_counter() - began,
-                  trajectory=full.trajectory_)
+    return Method("greedy_concat", pool_scores(parts), in_sample, full.weights_, seconds=time.perf_counter() - began,
+                  trajectory=full.trajectory_, fold_weights=fold_weights)
 
 
 # ------------------------------------------------------------------ the test search
@@ -276,16 +319,30 @@ def merge_folds(emb: np.ndarray, how: str, chunk: int = 65_536) -> np.ndarray:
 
 
 def merged_sets(data: RetrievalData, method: Method, fold_merge: str) -> tuple[np.ndarray, np.ndarray]:
-    """The query and gallery embeddings for a method: fold models merged, then the models weighted."""
-    q = [merge_folds(e, fold_merge) for e in data.query]
-    g = [merge_folds(e, fold_merge) for e in data.gallery]
-    return combine(q, method.weights, np.float16), combine(g, method.weights, np.float16)
+    """The query and gallery embeddings for a method: each used model's fold embeddings merged (once per
+    model, kept for the next method), then the models weighted (float16)."""
+    used = np.flatnonzero(method.weights > 0)
+    sets = []
+    for split in ("query", "gallery"):
+        merged = []
+        for m in used:
+            key = (split, m, fold_merge)
+            if key not in data.merged:
+                data.merged[key] = merge_folds(getattr(data, split)[m], fold_merge)
+            merged.append(data.merged[key])
+        sets.append(combine(merged, method.weights[used], np.float16))
+    return sets[0], sets[1]
 
 
-def holdout_scores(data: RetrievalData, method: Method, fold_merge: str, k: int, **kw) -> dict:
+def applied_option(method: Method, n_rows: int) -> str | None:
+    """The option the query/gallery search applies: k-reciprocal re-ranking only within its dense limit."""
+    return None if method.option == "k_reciprocal" and n_rows > RERANK_MAX_ITEMS else method.option
+
+
+def holdout_scores(data: RetrievalData, method: Method, fold_merge: str, **kw) -> dict:
     """A method's scores on the labelled query/gallery sets (the demo's unseen digits, a user's labelled split)."""
     q, g = merged_sets(data, method, fold_merge)
-    indices = search_with(q, g, k, method.option, same_set=False, backend="auto", **kw)
+    indices = search_with(q, g, 10, applied_option(method, len(q) + len(g)), same_set=False, backend="auto", **kw)
     hits = ranked_hits(data.query_labels, data.gallery_labels, indices)
     return retrieval_scores(hits, count_relevant(data.query_labels, data.gallery_labels))
 
@@ -293,12 +350,15 @@ def holdout_scores(data: RetrievalData, method: Method, fold_merge: str, k: int,
 def submission(data: RetrievalData, method: Method, fold_merge: str, k: int, **kw) -> pd.DataFrame:
     """Each query's top-k gallery ids, best first, space-separated."""
     q, g = merged_sets(data, method, fold_merge)
-    option = method.option if method.option != "k_reciprocal" or len(q) + len(g) <= RERANK_MAX_ITEMS else None
+    option = applied_option(method, len(q) + len(g))
     if option != method.option:
         print(f"note: {method.name} is applied without k-reciprocal re-ranking: query + gallery hold "
               f"{len(q) + len(g)} rows, more than its dense limit {RERANK_MAX_ITEMS}")
     indices = search_with(q, g, k, option, same_set=False, backend="auto", **kw)
-    return pd.DataFrame({"id": data.query_ids, "gallery_ids": [" ".join(data.gallery_ids[i]) for i in indices]})
+    blank = int((indices < 0).all(axis=1).sum())
+    if blank:
+        print(f"note: {blank} query image(s) have no embedding (unreadable): their rows in submission.csv are empty")
+    return pd.DataFrame({"id": data.query_ids, "gallery_ids": [" ".join(data.gallery_ids[i[i >= 0]]) for i in indices]})
 
 
 def scores_table(rows: list[Method], model_ids: list[str]) -> pd.DataFrame:

@@ -130,6 +130,7 @@ def _block_candidates(block: np.ndarray, t: np.ndarray, kk: int, ex) -> tuple:
     to the lower index) and be within the block's own top-kk, hence >= the block's k-th score,
     itself >= the k-th score of any column sample."""
     n = block.shape[1]
+    block[np.isnan(block)] = -np.inf  # a NaN row matches nothing (np.partition would sort it above every score)
     if ex is not None:
         r = np.flatnonzero((ex >= 0) & (ex < n))
         block[r, ex[r]] = -np.inf

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ensemble.errors import UserError
 from ensemble.retrieve.metrics import leave_one_out
 
 
-def combine(embeddings: list[np.ndarray], weights, dtype=np.float32) -> np.ndarray:
+def combine(embeddings: list[np.ndarray], weights, dtype=np.float32, chunk: int = 65_536) -> np.ndarray:
     """The weighted concatenation of unit embeddings (rows x sum of the used models' dims, unit rows)."""
     weights = np.asarray(weights, dtype=np.float64)
     used = np.flatnonzero(weights > 0)
     scale = np.sqrt(weights[used] / weights[used].sum())
     out = np.empty((len(embeddings[0]), sum(embeddings[m].shape[1] for m in used)), dtype)
     start = 0
-    for m, s in zip(used, scale):  # one model at a time: no float32 copy of the whole concatenation
+    for m, s in zip(used, scale):  # a model and a row chunk at a time: no float32 copy of a whole gallery
         width = embeddings[m].shape[1]
-        out[:, start:start + width] = np.asarray(embeddings[m], dtype=np.float32) * np.float32(s)
+        for r in range(0, len(out), chunk):
+            out[r:r + chunk, start:start + width] = np.asarray(embeddings[m][r:r + chunk], np.float32) * np.float32(s)
         start += width
     return out
 
@@ -38,9 +40,11 @@ def fold_scores(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, w
 
 
 def pool_scores(parts: list[dict]) -> dict:
-    """Per-fold score dicts as one: each metric averaged over all the folds' scored queries."""
-    queries = np.array([p["queries"] for p in parts], dtype=np.float64)
-    pooled = {key: float(np.dot(queries, [p[key] for p in parts]) / queries.sum()) if queries.sum() else float("nan")
+    """Per-fold score dicts as one: each metric averaged over all the folds' scored queries
+    (a fold without any, all its identities single, adds only to no_relevant)."""
+    scored = [p for p in parts if p["queries"]]
+    queries = np.array([p["queries"] for p in scored], dtype=np.float64)
+    pooled = {key: float(np.dot(queries, [p[key] for p in scored]) / queries.sum()) if scored else float("nan")
               for key in parts[0] if key not in ("queries", "no_relevant")}
     return pooled | {"queries": int(queries.sum()), "no_relevant": int(sum(p["no_relevant"] for p in parts))}
 
@@ -55,15 +59,34 @@ class GreedyConcat:
     def __init__(self, metric: str = "digix", max_iterations: int = 10):
         self.metric, self.max_iterations = metric, max_iterations
 
-    def fit(self, embeddings: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, which=None) -> "GreedyConcat":
+    def fit(self, embeddings: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, which=None,
+            cache: dict | None = None) -> "GreedyConcat":
+        """Fit on the folds `which` (default all). `cache`: a dict shared between fits on the same data:
+        a fold's leave-one-out scores depend only on (weights, fold), so fits for other folds reuse them."""
+        which = list(np.unique(folds) if which is None else which)
+        cache = {} if cache is None else cache
+
+        def score(counts: np.ndarray) -> float:
+            parts = []
+            for f in which:
+                key = (tuple(counts), f)
+                if key not in cache:  # only this fold's rows are combined and searched
+                    rows = folds == f
+                    cache[key] = leave_one_out(combine([e[rows] for e in embeddings], counts), labels[rows])
+                parts.append(cache[key])
+            return pool_scores(parts)[self.metric]
+
         counts = np.zeros(len(embeddings))
         picks, trajectory = [], []
         for _ in range(self.max_iterations):
             trials = []
             for m in range(len(embeddings)):
                 counts[m] += 1
-                trials.append(fold_scores(combine(embeddings, counts), labels, folds, which)[self.metric])
+                trials.append(score(counts))
                 counts[m] -= 1
+            if np.isnan(trials).all():
+                raise UserError(f"greedy concatenation: no held-out image of folds {which} has another image of its "
+                                "identity in its fold, so there is nothing to choose weights by.")
             best = int(np.nanargmax(trials))  # ties: the lower index, as numpy's argmax
             counts[best] += 1
             picks.append(best)
