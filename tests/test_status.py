@@ -205,15 +205,13 @@ def test_status_of_a_live_sweep_then_of_the_finished_run(tmp_path, demo_dir):
             assert sweep.poll() is None, f"the sweep ended before status saw it train:\n{sweep.stdout.read()}"
             assert time.time() < deadline, "status never showed a model training"
             proc = status_cli("--run", run_dir)
-            training = [line for line in proc.stdout.splitlines() if line.endswith("]") and " training  [" in line]
-            line = next((t for t in training if int(re.search(r"fold-epochs +(\d+)/", t).group(1)) > 0), None)
-            if line:
+            # A score shows once every fold has finished an epoch (before that: fold-epochs and the ETA only).
+            scored = r"fold-epochs +[1-9]\d*/16  log_loss \d\.\d{4} \(best \d\.\d{4}\)  \d+:\d\d  ETA \d+:\d\d  training  \["
+            if any(re.search(scored, line) for line in proc.stdout.splitlines()):
                 seen = proc
             time.sleep(0.5)
         assert seen.returncode == 0, seen.stderr
         assert f"lock      held by python -m ensemble.tune --space {space}" in seen.stdout
-        assert re.search(r"fold-epochs +[1-9]\d*/16  log_loss \d\.\d{4} \(best \d\.\d{4}\)  \d+:\d\d  ETA \d+:\d\d  "
-                         r"training", line), seen.stdout
         out, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 0, out
     finally:
