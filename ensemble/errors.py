@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import shlex
 import sys
 from typing import Callable
 
@@ -34,6 +35,11 @@ def disk_error(exc: OSError) -> UserError:
     where = f"{exc.filename}: " if exc.filename else ""
     return UserError(f"{where}{exc.strerror or exc}. Free some space (or make the directory writable), then run the "
                      "same command again: what was complete is kept, and nothing half-written is used.")
+
+
+def command_line(prog: str, argv: list[str] | None = None) -> str:
+    """The command as the user typed it (`argv` default: sys.argv[1:]), shell-quoted: for run.lock and messages."""
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def cli_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ensemble.errors import UserError, cli_main
+from ensemble.errors import UserError, cli_main, command_line
 from ensemble.metrics import METRICS
 from ensemble.run import Run, locked, open_run
 from ensemble.run.layout import CHECKPOINT_FILES
@@ -249,8 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @cli_main
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    prune(parse_args(argv), " ".join(["python -m ensemble.prune", *map(shlex.quote, argv)]))
+    prune(parse_args(argv), command_line("python -m ensemble.prune", argv))
     return 0
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
-from ensemble.errors import cli_main
+from ensemble.errors import cli_main, command_line
 from ensemble.predict.core import CPU_FORWARD_BATCH, predict_run
 from ensemble.predict.tta import MERGES
 
@@ -41,5 +39,5 @@ def main(argv=None) -> int:
                 models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
                 smoke=args.smoke, address=args.address, progress=not args.no_progress,
                 submission=args.submission, threshold=args.threshold,
-                command=" ".join(["python -m ensemble.predict", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]))
+                command=command_line("python -m ensemble.predict", argv))
     return 0

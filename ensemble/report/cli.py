@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 from pathlib import Path
 
-from ensemble.errors import UserError, cli_main
+from ensemble.errors import UserError, cli_main, command_line
 from ensemble.report.collect import collect
 from ensemble.report.page import render
 from ensemble.run import Run, locked, open_run
-from ensemble.stack.core import write_ensemble
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +39,7 @@ def report(args: argparse.Namespace, command: str = "python -m ensemble.report")
             if run.space_file.exists() and (target is run or not run.store):
                 space_href = Path(os.path.relpath(run.space_file, out)).as_posix()
             files = render(collect(run), space_href)  # everything in memory before anything is written
-            write_ensemble(target, files, out)
+            target.write_set(out, files)
             where = target.show(out)
     print(f"wrote {where}/index.html")
     return where
@@ -61,6 +58,5 @@ def _check_out(run: Run, out: Path) -> None:
 
 @cli_main
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    report(parse_args(argv), " ".join(["python -m ensemble.report", *map(shlex.quote, argv)]))
+    report(parse_args(argv), command_line("python -m ensemble.report", argv))
     return 0

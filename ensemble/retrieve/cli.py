@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 
-from ensemble.errors import UserError, cli_main
+from ensemble.errors import UserError, cli_main, command_line
 from ensemble.metrics import RETRIEVAL_METRICS
 from ensemble.retrieve.core import (
     FOLD_MERGES,
@@ -20,7 +18,6 @@ from ensemble.retrieve.core import (
     submission,
 )
 from ensemble.run import locked, open_run
-from ensemble.stack.core import write_ensemble
 
 FOLD_MERGE = "concat"  # docs/design.md: beat the mean for all 6 models measured (scripts/measure_fold_merge.py)
 
@@ -82,7 +79,7 @@ def retrieve(args: argparse.Namespace, command: str = "python -m ensemble.retrie
                          "cv": winner.cv, "holdout": winner.holdout}
             files["selection.json"] = (json.dumps(selection, indent=2) + "\n").encode()
             files["scores.csv"] = scores_table(rows, data.model_ids).to_csv(index=False).encode()
-            write_ensemble(run, files, run.retrieval_dir)
+            run.write_set(run.retrieval_dir, files)
             print_summary(rows, winner, metric, data, run.show(run.retrieval_dir))
     return rows
 
@@ -111,6 +108,5 @@ def print_summary(rows, winner, metric, data, out) -> None:
 
 @cli_main
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    retrieve(parse_args(argv), " ".join(["python -m ensemble.retrieve", *map(shlex.quote, argv)]))
+    retrieve(parse_args(argv), command_line("python -m ensemble.retrieve", argv))
     return 0

@@ -305,6 +305,33 @@ class Run:
                             f"k={k} (folds 0..{int(k) - 1}): missing {sorted(expected - found)}, unexpected "
                             f"{sorted(found - expected)}. Use the folds.csv the sweep wrote.")
 
+    def write_set(self, out: Path, files: dict[str, bytes]) -> None:
+        """Write a stage's directory (ensemble/, retrieval/, report/) as one set: built beside it, then swapped
+        in, so it is never a mix of two runs of the stage; `files`: relative path -> bytes.
+
+        A URI has no directory rename: the old directory is deleted there, then the files are uploaded,
+        scores.csv last (its presence marks a complete stack)."""
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            for rel, payload in files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(payload)
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise UserError(f"{self.show(out)}: cannot write it ({exc.strerror or exc}); {out.name}/ is unchanged. "
+                            "Free some space or fix the permissions, then run the same command again.") from None
+        shutil.rmtree(old, ignore_errors=True)
+        if self.store:
+            self.store.delete(self.rel(out))
+            self.push(*(out / rel for rel in sorted(files, key=lambda rel: rel == "scores.csv")))
+
     def check_writable(self) -> None:
         """Fail now, naming the directory, rather than after minutes of work when a write fails."""
         if self.store:

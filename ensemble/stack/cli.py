@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
-from ensemble.errors import cli_main
+from ensemble.errors import cli_main, command_line
 from ensemble.metrics import PROBABILITY_METRICS
 from ensemble.run import locked, open_run
-from ensemble.stack.core import METHODS, MethodResult, print_summary, stack_run, write_ensemble
+from ensemble.stack.core import METHODS, MethodResult, print_summary, stack_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,13 +40,12 @@ def stack(args: argparse.Namespace, command: str = "python -m ensemble.stack") -
         with locked(run, command):
             run.pull_artifacts()  # the prediction files, into a scratch copy of a URI run
             rows, winner, metric, data, files = stack_run(run, args)
-            write_ensemble(run, files)  # everything was built in memory first
+            run.write_set(run.ensemble_dir, files)  # everything was built in memory first
             print_summary(rows, winner, metric, data, run.show(run.ensemble_dir))
     return rows
 
 
 @cli_main
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    stack(parse_args(argv), " ".join(["python -m ensemble.stack", *map(shlex.quote, argv)]))
+    stack(parse_args(argv), command_line("python -m ensemble.stack", argv))
     return 0

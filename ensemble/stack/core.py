@@ -3,7 +3,7 @@
 `stack_run` reads a run (`ensemble.stack.oof.load_run`), scores the best single
 model, the plain mean, greedy selection (`ensemble.stack.select`) and the
 meta-models (`ensemble.stack.meta`), fits per-label thresholds for multilabel runs
-(`ensemble.stack.thresholds`); `write_ensemble` writes `<run>/ensemble/`:
+(`ensemble.stack.thresholds`); the CLI writes `<run>/ensemble/` (`Run.write_set`):
 scores.csv, selection.json, thresholds.json, meta/ and submission.csv. Every
 method's cv_score comes from predictions made for fold f without fold f's labels.
 
@@ -17,15 +17,12 @@ docs/stacking.md is the manual.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ensemble.errors import UserError
 from ensemble.metrics import Metric, fbeta_name, get_metric
 from ensemble.run import Run
 from ensemble.stack.meta import META_METHODS, fit_meta, meta_files
@@ -176,35 +173,6 @@ def _submission(data, winner: MethodResult, test_pred: np.ndarray | None) -> byt
         tags = [" ".join(classes[row]) for row in test_pred]
         frame = pd.DataFrame({"id": data.test_ids, data.target["column"]: tags})
     return frame.to_csv(index=False).encode()
-
-
-def write_ensemble(run: Run, files: dict[str, bytes], out: Path | None = None) -> None:
-    """Write ensemble/ (or `out`) as one directory: built beside it, then swapped in, so it is never a mix of two
-    stacks.
-
-    A URI has no directory rename: the old ensemble/ is deleted, then the files are uploaded,
-    scores.csv last (its presence marks a complete stack there)."""
-    out = out or run.ensemble_dir
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for rel, payload in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(payload)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise UserError(f"{run.show(out)}: cannot write it ({exc.strerror or exc}); {out.name}/ is unchanged. "
-                        "Free some space or fix the permissions, then run the same command again.") from None
-    shutil.rmtree(old, ignore_errors=True)
-    if run.store:
-        run.store.delete(run.rel(out))
-        run.push(*(out / rel for rel in sorted(files, key=lambda rel: rel == "scores.csv")))
 
 
 def stack_run(run: Run, args):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
-from ensemble.errors import cli_main
+from ensemble.errors import cli_main, command_line
 from ensemble.run import is_uri, join
 from ensemble.tune import launch, spaces
 from ensemble.tune.progress import print_leaderboard
@@ -42,7 +40,7 @@ def main(argv=None) -> int:
         space = spaces.with_resources(space, gpu=args.gpus_per_trial)
     name = args.name or (space.name + ("-smoke" if args.smoke else ""))
     location = join(args.storage, name)
-    command = " ".join(["python -m ensemble.tune", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = command_line("python -m ensemble.tune", argv)
     board = launch.run_sweep(space, location, resume=args.resume, smoke=args.smoke,
                              max_concurrent=args.max_concurrent, address=args.address, verbose=args.verbose,
                              command=command)
