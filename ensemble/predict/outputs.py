@@ -78,9 +78,7 @@ def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, floa
     (mean over folds: at training's best epoch without TTA, and of these embeddings)."""
     from ensemble.retrieve.metrics import leave_one_out
 
-    config, k, metric = plan.config, plan.config["k"], plan.config["metric"]
-    folds = pd.read_csv(run.folds_file, dtype=str, keep_default_na=False).set_index("id")
-    labels = folds.loc[plan.oof["id"], config["target"]["column"]].to_numpy()
+    k, metric, labels = plan.config["k"], plan.config["metric"], plan.y_true
     order = pd.Index([i for f in range(k) for i in plan.fold_ids[f]]).get_indexer(plan.oof["id"])
     oof = np.concatenate([results[f, "oof", "merged"] for f in range(k)])[order]
     ok = np.isfinite(oof).all(axis=1)  # rows of unreadable images are NaN: not scored (as in training)

@@ -61,7 +61,7 @@ class ModelPlan:
     config: dict
     out_dir: Path  # models/<id>/, or predict-smoke/<id>/ under --smoke (Run.predict_dir)
     oof: pd.DataFrame  # oof.parquet (its first rows per fold under --smoke): ids, order, no-TTA scores
-    y_true: np.ndarray | None  # oof's rows, encoded from folds.csv (None for retrieval)
+    y_true: np.ndarray  # oof's rows, encoded from folds.csv (retrieval: their identity labels)
     fold_ids: dict[int, list[str]] = field(default_factory=dict)  # held-out ids per fold, in job row order
     test_ids: list[str] | None = None
     query_ids: list[str] | None = None  # retrieval
@@ -162,7 +162,8 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
                         f"folds.csv (first: {missing.head(5).tolist()}); the model was trained on another folds.csv: "
                         "restore the run's own folds.csv.")
     retrieval = config["task"] == "retrieval"
-    y_true = None if retrieval else encode_targets(folds.loc[oof["id"]], config["target"], config["classes"])
+    y_true = folds.loc[oof["id"], config["target"]["column"]].to_numpy() if retrieval else \
+        encode_targets(folds.loc[oof["id"]], config["target"], config["classes"])
     plan = ModelPlan(model_id, config, out_dir, oof, y_true)
     train, others = _manifests(config, manifests)
     image_of = train.frame.set_index("id")["image"]

@@ -93,7 +93,6 @@ def load_embeddings(run: Run, models: list[str] | None = None) -> RetrievalData:
                         f"python -m ensemble.predict --run {run.show()} --force.")
     data.ids, data.labels, data.folds = data.ids[keep], data.labels[keep], data.folds[keep]
     data.oof = [emb[keep] for emb in data.oof]
-    _check_dims(run, model_ids, data.oof)
     if config["data"].get("query_manifest"):
         for split in ("query", "gallery"):
             sets = [_read_set(run, m, split, configs[m]) for m in model_ids]
@@ -156,12 +155,6 @@ def _same_ids(run: Run, model_id: str, name: str, ids: pd.Series, expected, orde
                         f"{'the other models' if name != 'oof' else 'folds.csv'} ({len(extra)} extra, e.g. {extra[:3]}; "
                         f"{len(lacking)} missing, e.g. {lacking[:3]}{'; or another order' if ordered else ''}); rerun "
                         f"python -m ensemble.predict --run {run.show()} --models {model_id} --force.")
-
-
-def _check_dims(run: Run, model_ids: list[str], oof: list[np.ndarray]) -> None:
-    if len({len(e) for e in oof}) != 1:
-        raise UserError(f"{run.show()}: the models' OOF embeddings have different row counts "
-                        f"{dict(zip(model_ids, (len(e) for e in oof)))}; rerun predict with --force.")
 
 
 def _answer_keys(config: dict, query_ids, gallery_ids) -> tuple[np.ndarray | None, np.ndarray | None]:
