@@ -148,7 +148,7 @@ def plan_prune(run: Run, keep: Keep) -> list[ModelPrune]:
     sizes = run.file_sizes(run.models_dir)  # one listing, at the URI for a URI run
     plan = []
     for model_id, config in configs.items():
-        label = model_label(config.get("backbone", model_id), config.get("searched") or {})
+        label = model_label(config.get("backbone", model_id), config.get("searched") or {}, config.get("round", 1))
         item = ModelPrune(model_id, label, states[model_id], model_id in kept or model_id not in complete,
                           note=notes.get(model_id, ""))
         unfinished = [f for f in range(config["k"]) if not (run.read_metrics(model_id, f) or {}).get("complete")]

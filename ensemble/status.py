@@ -158,7 +158,7 @@ def model_status(run: Run, config: dict, live: bool, errors: dict[str, str],
     spans = _spans(folds, state == "training", now)
     elapsed = _active_seconds(spans) if spans else None
     total = done if state in FINISHED else k * epochs  # a model that stopped early has nothing left
-    label = model_label(config.get("backbone", model_id), config.get("searched") or {})
+    label = model_label(config.get("backbone", model_id), config.get("searched") or {}, config.get("round", 1))
     return {
         "model_id": model_id, "label": label, "state": state,
         "stopped": next((f["metrics"].get("stopped") for f in folds if f["metrics"] and f["metrics"].get("stopped")),

@@ -397,3 +397,45 @@ def test_a_full_or_read_only_disk_is_one_clear_error_and_leaves_no_half_set(pris
     small_disk.read_only(disk)
     err = _cli_fails(run)
     assert f"{run}: cannot write here (Read-only file system)" in err and "Nothing was changed" in err
+
+
+def test_embeddings_of_a_classification_model_and_their_smoothing(predicted, tmp_path, actors):
+    """--embeddings: emb/oof.npy (each held-out row by its own fold's model) and emb/test.npy (the folds' mean),
+    unit rows, from the forward pass that gives the same probabilities; a rerun without the flag keeps them."""
+    from ensemble.metrics import get_metric
+    from ensemble.stack.core import MethodResult
+    from ensemble.stack.oof import load_run
+    from ensemble.stack.smooth import neighbour_smoothing
+
+    run = copy_run(predicted[0], tmp_path)
+    first = model_ids(run)[0]
+    d = run / "models" / first
+    summary = predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, progress=False, actors=actors,
+                          models=[first], embeddings=True)
+    assert summary["predicted"] == [first]  # predicted before without embeddings: done again
+    oof, test = np.load(d / "emb" / "oof.npy"), np.load(d / "emb" / "test.npy")
+    tta = pd.read_parquet(d / "oof_tta.parquet")
+    assert oof.dtype == np.float16 and oof.shape == (len(tta), 96) and test.shape == (1000, 96)  # test_resnet: 96
+    np.testing.assert_allclose(np.linalg.norm(oof.astype(np.float32), axis=1), 1, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(test.astype(np.float32), axis=1), 1, atol=2e-3)
+    pd.testing.assert_frame_equal(pd.read_parquet(d / "emb" / "oof.ids.parquet"), tta[["id", "fold"]])
+    assert pd.read_parquet(d / "emb" / "test.ids.parquet")["id"].tolist() == pd.read_parquet(d / "test.parquet")["id"].tolist()
+    pd.testing.assert_frame_equal(tta, pd.read_parquet(predicted[0] / "models" / first / "oof_tta.parquet"),
+                                  check_exact=False, rtol=1e-5)  # the same logits, from the same features
+    meta = json.loads((d / "predict.json").read_text())
+    assert meta["embeddings"] is True and meta["embedding_dim"] == 96
+    stamp = (d / "emb" / "oof.npy").stat().st_mtime_ns
+    again = predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, progress=False, models=[first])
+    assert again["predicted"] == [] and (d / "emb" / "oof.npy").stat().st_mtime_ns == stamp
+    forced = predict_run(run, tta="orig,hflip", per_view=True, gpus_per_actor=0, progress=False, actors=actors,
+                         models=[first], force=True)  # predicted again: its embeddings too, never left stale
+    assert forced["predicted"] == [first] and (d / "emb" / "oof.npy").stat().st_mtime_ns != stamp
+    assert json.loads((d / "predict.json").read_text())["embeddings"] is True
+    assert cli.parse_args(["--run", str(run), "--embeddings"]).embeddings
+
+    data, metric = load_run(run), get_metric("log_loss")
+    mean = data.oof.mean(0)
+    winner = MethodResult("mean", "log_loss", metric(data.y_true, mean), 0.0, mean, data.test.mean(0))
+    row, files, line = neighbour_smoothing(data, winner, metric, data.run)
+    assert json.loads(files["smoothing.json"])["embedding_model"] == first and row.test.shape == data.test[0].shape
+    assert "neighbour smoothing of mean" in line

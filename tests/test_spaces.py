@@ -62,6 +62,8 @@ def load_error(tmp_path: Path, changes: dict, base: dict = BASE) -> str:
 
 @pytest.mark.parametrize("name,n_models,k,metric", [
     ("demo", 4, 3, "log_loss"),
+    ("demo_plus", 6, 3, "log_loss"),
+    ("demo_rounds", 8, 3, "log_loss"),
     ("pnasnet_kfold", 1, 5, "log_loss"),
     ("driver_groupkfold", 6, 5, "log_loss"),
     ("fashionai_attributes", 2, 5, "accuracy"),
@@ -80,8 +82,8 @@ def test_shipped_space_loads_and_resolves(name, n_models, k, metric):
 
 def test_every_shipped_space_is_tested():
     assert sorted(p.stem for p in SHIPPED.glob("*.yaml")) == sorted(
-        ["demo", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes", "planet_multilabel", "demo_retrieval",
-         "digix_retrieval"])
+        ["demo", "demo_plus", "demo_rounds", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes",
+         "planet_multilabel", "demo_retrieval", "digix_retrieval"])
 
 
 def test_shipped_spaces_other_than_demo_document_their_manifest():
@@ -101,7 +103,7 @@ def test_demo_space_resolved_fields():
     assert space.params.image_size == 32 and space.params["optimizer"] == "adamw"
     assert space.epochs == 3 and len(space.stages) == 1
     assert dict(space.stages[0]) == {"epochs": 3, "freeze": False, "lr_scale": 1.0,
-                                     "augment": "rotate:10+shift:0.1", "preprocess": "pad"}
+                                     "augment": "rotate:10+shift:0.1", "preprocess": "pad", "image_size": None}
     assert dict(space.resources) == {"cpu": 1.0, "gpu": 0.0} and space.max_concurrent is None
 
 
@@ -436,8 +438,8 @@ def test_unknown_space_lists_available_and_nearest():
         find_space("planet_multilable")
     message = str(info.value)
     assert "No space 'planet_multilable'" in message and "Did you mean 'planet_multilabel'?" in message
-    assert "Available spaces: ['demo', 'demo_retrieval', 'digix_retrieval', 'driver_groupkfold', " \
-           "'fashionai_attributes', 'planet_multilabel', 'pnasnet_kfold']" in message
+    assert "Available spaces: ['demo', 'demo_plus', 'demo_retrieval', 'demo_rounds', 'digix_retrieval', " \
+           "'driver_groupkfold', 'fashionai_attributes', 'planet_multilabel', 'pnasnet_kfold']" in message
 
 
 # --------------------------------------------------------------------------- freezing
@@ -467,10 +469,12 @@ def test_check_frozen_names_every_changed_key(tmp_path):
     assert message == (
         f"{tmp_path / 'run' / 'space.yaml'}: this run started with a different space than 'a' is now; changed: "
         "folds.k: 5 -> 3; params.lr: 0.001 -> 0.0001; epochs: 10 -> 1; stages[0].epochs: 10 -> 1; "
-        "stages[0].freeze: false -> true. A run keeps its space: use a new --name, or restore the old space file.")
+        "stages[0].freeze: false -> true. A run keeps its space (it may only grow: added backbones, grid/choice "
+        "values, samples, rounds): use a new --name, or restore the old space file.")
     two_stages = load(tmp_path, {"stages": [{"epochs": 4}, {"epochs": 6}]}, name="a")
     with pytest.raises(UserError, match=re.escape("stages: [{'epochs': 10, 'freeze': False, 'lr_scale': 1.0, "
-                                                  "'augment': 'hflip', 'preprocess': 'pad'}] -> [{'epochs': 4,")):
+                                                  "'augment': 'hflip', 'preprocess': 'pad', 'image_size': None}] -> "
+                                                  "[{'epochs': 4,")):
         check_frozen(two_stages, tmp_path / "run")
     only_description = load(tmp_path, {"description": "new"}, name="a")
     check_frozen(only_description, tmp_path / "run")

@@ -2,7 +2,8 @@
 
 For every complete model of a run (one with oof.parquet) it writes, as one complete set
 (ensemble.predict.outputs): oof_tta.parquet (each held-out row predicted with TTA by its
-own fold's model), test.parquet (the mean of the k fold models), predict.json last.
+own fold's model), test.parquet (the mean of the k fold models), predict.json last; with
+--embeddings also emb/oof.npy and emb/test.npy (pre-logit features, for the stack's smoothing).
 
   plan     every check before Ray starts; one frozen Job per (model, fold, split)
   tta      view names, activations, the merge of views               (plain numpy)

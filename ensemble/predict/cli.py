@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=512, help="images per work item, at most [512; fewer to give each actor ~8]")
     p.add_argument("--models", help="comma-separated model ids [every complete model]")
     p.add_argument("--per-view", action="store_true", help="also write each view's predictions and score them")
+    p.add_argument("--embeddings", action="store_true",
+                   help="classification: also write emb/oof.npy and emb/test.npy (pre-logit features) for the stack's "
+                        "neighbour smoothing")
     p.add_argument("--submission", action="store_true", help="write models/<id>/submission.csv from test.parquet")
     p.add_argument("--threshold", type=float, default=0.5, help="multilabel submission: tags with p >= this [0.5]")
     p.add_argument("--force", action="store_true", help="predict again where the outputs exist")
@@ -38,6 +41,6 @@ def main(argv=None) -> int:
                 cpus_per_actor=args.cpus_per_actor, forward_batch=args.forward_batch, shard_size=args.shard_size,
                 models=args.models.split(",") if args.models else None, per_view=args.per_view, force=args.force,
                 smoke=args.smoke, address=args.address, progress=not args.no_progress,
-                submission=args.submission, threshold=args.threshold,
+                submission=args.submission, threshold=args.threshold, embeddings=args.embeddings,
                 command=command_line("python -m ensemble.predict", argv))
     return 0

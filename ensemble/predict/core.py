@@ -18,13 +18,14 @@ CPU_FORWARD_BATCH = 32  # ENV.md: 32-64 images per forward is this CPU's sweet s
 
 def predict_run(location, *, tta=None, merge="mean", gpus_per_actor=None, cpus_per_actor=None, forward_batch=None,
                 shard_size=512, models=None, per_view=False, force=False, smoke=False, address=None,
-                progress=True, actors=None, submission=False, threshold=0.5,
+                progress=True, actors=None, submission=False, threshold=0.5, embeddings=False,
                 command: str = "python -m ensemble.predict") -> dict:
     """Predict every complete model of a run (a directory or a URI; see ensemble.predict).
 
     Everything is validated before Ray starts. `actors`: Predictor actors from `create_pool`
     to use (and leave running); default: a pool made for this call, filling the cluster.
-    `submission`: also write each model's submission.csv. Returns a summary dict.
+    `submission`: also write each model's submission.csv. `embeddings`: classification models also
+    write emb/oof.npy and emb/test.npy (ensemble.predict.outputs). Returns a summary dict.
     """
     check_merge(merge)
     if tta is not None and views_mod.count_views(tta) == 5 and "fivecrop" in tta and "hflip" in tta:
@@ -36,7 +37,7 @@ def predict_run(location, *, tta=None, merge="mean", gpus_per_actor=None, cpus_p
         with locked(run, command):
             run.pull_artifacts()  # plan_run pulls the weights of the models it will predict
             plans, skipped = plan_run(run, tta=tta, merge=merge, models=models, per_view=per_view, force=force,
-                                      smoke=smoke)
+                                      smoke=smoke, embeddings=embeddings)
             for model_id, why in skipped.items():
                 print(f"skipped {model_id}: {why}")
             summary = {"skipped": skipped, "scores": {}, "models": [p.model_id for p in plans] + list(skipped),

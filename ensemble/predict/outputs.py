@@ -8,6 +8,7 @@
                     complete (a crash mid-write leaves no predict.json, so the model is redone)
   oof_views.parquet, test_views.parquet   with --per-view
   submission.csv    with --submission
+  emb/oof.npy, emb/test.npy   with --embeddings (see below)
 
 A retrieval model's set is its embeddings instead (`write_embeddings`), float16 and
 L2-normalised, each .npy with a parquet of its row ids beside it:
@@ -15,6 +16,13 @@ L2-normalised, each .npy with a parquet of its row ids beside it:
   emb/query.npy, emb/gallery.npy   folds x rows x dims: every fold model's embedding of each
                     row (the retrieve stage merges the k folds: see docs/design.md)
   predict.json      as above; its scores are the held-out folds' leave-one-out retrieval scores
+
+A classification model predicted with --embeddings writes the same kind of files beside its
+parquets (the timm model's pooled pre-logit features, from the forward pass that gives the logits):
+  emb/oof.npy       rows x dims, as for retrieval
+  emb/test.npy      rows x dims: the mean of the k fold models' L2-normalised embeddings, normalised again
+                    (the neighbour smoothing of the stack compares test rows with it: ensemble.stack.smooth)
+Unreadable images (on_bad_image: skip) are zero rows.
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ import pandas as pd
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json, write_npy, write_parquet
 from ensemble.metrics import METRICS
-from ensemble.predict.plan import ModelPlan
-from ensemble.predict.tta import view_names
+from ensemble.predict.plan import CLASSIFIER_EMB_FILES, ModelPlan
+from ensemble.predict.tta import merge_embeddings, view_names
 from ensemble.run import Run
 from ensemble.run.layout import PREDICT_FILES
+
+# Push order: a classification model's emb/test files too, predict.json still last.
+PUSH_FILES = tuple(dict.fromkeys((*PREDICT_FILES[:-1], *CLASSIFIER_EMB_FILES, PREDICT_FILES[-1])))
+assert PUSH_FILES[-1] == "predict.json"
 
 
 def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
@@ -64,13 +76,38 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
             mean = np.mean([results[f, "test", "views"] for f in range(k)], axis=0, dtype=np.float64)
             mean = np.where(np.isnan(mean), test.to_numpy()[:, None], mean)
             files["test_views.parquet"] = _long(pd.DataFrame({"id": plan.test_ids}), mean.astype(np.float32), names, classes)
+    emb_sets = _classifier_embeddings(plan, results, order) if job.embeddings else {}
     invalidate(run, plan.out_dir)
     for name, frame in files.items():
         write_parquet(frame, plan.out_dir / name)
+    _write_emb_sets(plan.out_dir, emb_sets)
+    extra = {"embeddings": True, "embedding_dim": emb_sets["oof"][0].shape[1]} if emb_sets else {}
     write_json({"tta": job.tta, "views": names, "merge": job.merge, "forward_batch": job.batch * len(names),
-                "scores": scores, "unreadable": unreadable, "seconds": results.get("seconds")},
+                **extra, "scores": scores, "unreadable": unreadable, "seconds": results.get("seconds")},
                plan.out_dir / "predict.json")
     return scores
+
+
+def _classifier_embeddings(plan: ModelPlan, results: dict, order: np.ndarray) -> dict:
+    """emb/ sets of a classification model: name -> (embeddings, ids frame); unreadable rows stay NaN.
+
+    Test rows: the k fold models' L2-normalised embeddings averaged, then normalised again (merge_embeddings
+    over the folds). Fold models fine-tuned from one pretrained backbone share most of their feature space;
+    where they do not, the cross terms of the mean's dot products are near 0 in many dims, so its cosine
+    is still about the mean of the k models' cosines, at 1/k of the folds x rows x dims file."""
+    k = plan.config["k"]
+    sets = {"oof": (np.concatenate([results[f, "oof", "emb"] for f in range(k)])[order], plan.oof[["id", "fold"]])}
+    if plan.test_ids is not None:
+        per_fold = np.stack([results[f, "test", "emb"] for f in range(k)], axis=1)  # rows x folds x dims
+        sets["test"] = (merge_embeddings(per_fold), pd.DataFrame({"id": plan.test_ids}))
+    return sets
+
+
+def _write_emb_sets(out_dir, sets: dict) -> None:
+    """emb/<name>.npy (float16, NaN rows as zeros) and emb/<name>.ids.parquet for each set, each atomically."""
+    for name, (emb, ids) in sets.items():
+        write_npy(np.nan_to_num(emb).astype(np.float16), out_dir / "emb" / f"{name}.npy")
+        write_parquet(ids, out_dir / "emb" / f"{name}.ids.parquet")
 
 
 def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
@@ -95,9 +132,7 @@ def write_embeddings(run: Run, plan: ModelPlan, results: dict) -> dict[str, floa
     if any(unreadable.values()):
         print(f"{plan.model_id}: rows without an embedding (unreadable images, on_bad_image: skip): {unreadable}")
     invalidate(run, plan.out_dir)
-    for name, (emb, ids) in sets.items():
-        write_npy(np.nan_to_num(emb).astype(np.float16), plan.out_dir / "emb" / f"{name}.npy")
-        write_parquet(ids, plan.out_dir / "emb" / f"{name}.ids.parquet")
+    _write_emb_sets(plan.out_dir, sets)
     job = plan.jobs[0, "oof"]
     write_json({"tta": job.tta, "views": view_names(job.tta), "merge": job.merge, "forward_batch": job.batch * job.n_views,
                 "embedding_dim": job.embedding_dim, "scores": scores, "unreadable": unreadable,
@@ -118,7 +153,7 @@ def invalidate(run: Run, out_dir) -> None:
 
 def push_outputs(run: Run, out_dir) -> None:
     """A model's outputs to the URI (nothing for a local run), predict.json last."""
-    run.push(*(out_dir / name for name in PREDICT_FILES))
+    run.push(*(out_dir / name for name in PUSH_FILES))
 
 
 def _long(keys: pd.DataFrame, per_view: np.ndarray, names: list[str], classes: list[str]) -> pd.DataFrame:

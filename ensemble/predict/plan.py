@@ -18,10 +18,13 @@ import pandas as pd
 from ensemble.data import views as views_mod
 from ensemble.data.manifest import Target, encode_targets, read_manifest
 from ensemble.errors import UserError
-from ensemble.run import Run, stage_of
+from ensemble.run import Run, stage_of, stage_size
 from ensemble.run.layout import EMB_FILES, PREDICT_FILES
 
 SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
+# A classification model's embeddings (--embeddings; float16, L2-normalised, ids beside each): held-out rows by
+# their own fold's model (rows x dims), test rows as the mean of the k fold models' (rows x dims).
+CLASSIFIER_EMB_FILES = tuple(f"emb/{name}{ext}" for name in ("oof", "test") for ext in (".npy", ".ids.parquet"))
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Job:
     std: tuple
     on_bad_image: str
     embedding_dim: int = 0  # a retrieval model's: the job outputs embeddings, not probabilities
+    embeddings: bool = False  # a classification model's (--embeddings): also its pooled pre-logit features
     batch: int = 32  # images per loader batch: one forward pass of at most forward_batch images
 
 
@@ -71,8 +75,11 @@ class ModelPlan:
 
 
 def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, force=False,
-             smoke=False) -> tuple[list[ModelPlan], dict[str, str]]:
-    """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why)."""
+             smoke=False, embeddings=False) -> tuple[list[ModelPlan], dict[str, str]]:
+    """Validate the run, views, checkpoints and images; return the models to predict and those skipped (id -> why).
+
+    `embeddings`: classification models also write emb/oof.npy and emb/test.npy. A model that has them
+    keeps them: it writes them again whenever it is predicted again, flag or not (never stale files)."""
     run.check()
     configs = run.configs()
     complete = [m for m in configs if run.model_state(m) == "complete"]
@@ -93,19 +100,23 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
             raise UserError(f"{model_id} is a retrieval model: its TTA views' embeddings are averaged, then "
                             "L2-normalised; drop --per-view and --merge.")
         out_dir = run.predict_dir(model_id, smoke)
-        why = None if force or smoke else outputs_done(run, out_dir, config, spec, merge, per_view)
+        emb = config["task"] != "retrieval" and (embeddings or run.exists(out_dir / CLASSIFIER_EMB_FILES[0]))
+        why = None if force or smoke else outputs_done(run, out_dir, config, spec, merge, per_view, emb)
+        if not why and emb and not force and not smoke and run.weights_pruned(model_id):
+            why = outputs_done(run, out_dir, config, spec, merge, per_view)  # only the embeddings are missing
+            why = why and f"{why}; no embeddings: its weights were pruned (python -m ensemble.prune)"
         if why:
             skipped[model_id] = why
             continue
-        todo.append((config, out_dir, spec, n_views))
+        todo.append((config, out_dir, spec, n_views, emb))
     freed = [config["model_id"] for config, *_ in todo if run.weights_pruned(config["model_id"])]
     if freed:  # before any manifest is read; suggest the models asked for that keep their weights, else all of them
         keep = [m for m in complete if not run.weights_pruned(m)] or \
             [m for m in configs if run.model_state(m) == "complete" and not run.weights_pruned(m)]
         raise _pruned_error(run, freed, keep)
     manifests = {}
-    plans = [_plan_model(run, config, folds, out_dir, spec, merge, per_view, n_views, smoke, manifests)
-             for config, out_dir, spec, n_views in todo]
+    plans = [_plan_model(run, config, folds, out_dir, spec, merge, per_view, n_views, smoke, manifests, emb)
+             for config, out_dir, spec, n_views, emb in todo]
     check_checkpoints(run, plans)
     return plans, skipped
 
@@ -129,21 +140,27 @@ def read_run_folds(run: Run, config: dict) -> pd.DataFrame:
     return folds.set_index("id")
 
 
-def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str, per_view: bool) -> str | None:
+def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str, per_view: bool,
+                 embeddings: bool = False) -> str | None:
     """Why a model's outputs can be kept, or None when it must be predicted.
 
     Complete means predict.json (written last) and every file it vouches for; with
-    --per-view, the per-view files too. Other views or merge: kept, with a note."""
+    --per-view, the per-view files too; with --embeddings (classification), emb/ and a
+    predict.json that says so. Other views or merge: kept, with a note."""
     needed = ["oof_tta.parquet"] + (["test.parquet"] if config["data"].get("test_manifest") else [])
     if config["task"] == "retrieval":
         sets = ["oof"] + (["query", "gallery"] if config["data"].get("query_manifest") else [])
         needed = [name for name in EMB_FILES if name.split("/")[1].split(".")[0] in sets]
     if per_view:
         needed += ["oof_views.parquet"] + (["test_views.parquet"] if config["data"].get("test_manifest") else [])
+    if embeddings and config["task"] != "retrieval":
+        needed += [name for name in CLASSIFIER_EMB_FILES if "test" not in name or config["data"].get("test_manifest")]
     # run.exists asks the URI of a URI run: its .npy embeddings are not among the pulled artifacts.
     if not (model_dir / "predict.json").exists() or not all(run.exists(model_dir / name) for name in needed):
         return None
     done = json.loads((model_dir / "predict.json").read_text())
+    if embeddings and config["task"] != "retrieval" and not done.get("embeddings"):
+        return None
     if (done.get("tta"), done.get("merge")) != (spec, merge):
         return (f"outputs kept from tta {done.get('tta')!r}, merge {done.get('merge')!r} (asked {spec!r}, {merge!r}); "
                 "--force redoes them")
@@ -151,7 +168,7 @@ def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str,
 
 
 def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec: str, merge: str, per_view: bool,
-                n_views: int, smoke: bool, manifests: dict) -> ModelPlan:
+                n_views: int, smoke: bool, manifests: dict, embeddings: bool = False) -> ModelPlan:
     model_id = config["model_id"]
     oof = pd.read_parquet(run.model_dir(model_id) / "oof.parquet")
     if smoke:
@@ -180,7 +197,7 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
         splits = {"oof": [str(train.root / p) for p in image_of.loc[plan.fold_ids[k]]]}
         for split, manifest in others.items():
             splits[split] = manifest.image_paths[: len(getattr(plan, f"{split}_ids"))]
-        preprocess = _preprocess(run, config, k)
+        preprocess, size = _best_stage(run, config, k)
         for split, paths in splits.items():
             cache, cache_n, cache_rows = None, 0, None
             if config["data"].get("cache", True) and not smoke:
@@ -188,25 +205,26 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
 
                 # Held-out rows: the training's cache of all folds.csv images, at their rows there.
                 listed = all_paths if split == "oof" else paths
-                cache = run.rel(cache_path(run.cache_dir, listed, config["params"]["image_size"], preprocess))
+                cache = run.rel(cache_path(run.cache_dir, listed, size, preprocess))
                 cache_n = len(listed)
                 cache_rows = tuple(folds.index.get_indexer(plan.fold_ids[k]).tolist()) if split == "oof" else None
             plan.jobs[k, split] = _job(config, (model_id, k, split), run, run.rel(weights), cache, cache_n, cache_rows,
-                                       preprocess, spec, n_views, merge, per_view)
+                                       preprocess, size, spec, n_views, merge, per_view, embeddings)
             plan.paths[k, split] = paths
     return plan
 
 
-def _job(config: dict, key: tuple, run: Run, weights: str, cache, cache_n, cache_rows, preprocess: str, spec: str,
-         n_views: int, merge: str, per_view: bool) -> Job:
+def _job(config: dict, key: tuple, run: Run, weights: str, cache, cache_n, cache_rows, preprocess: str, size: int,
+         spec: str, n_views: int, merge: str, per_view: bool, embeddings: bool = False) -> Job:
     params, data = config["params"], config["data"]
     return Job(key=key, run=run.location, weights=weights, cache=cache, cache_n=cache_n, cache_rows=cache_rows,
                backbone=config["backbone"], n_classes=len(config["classes"]), dropout=params.get("dropout", 0.0),
-               drop_path=params.get("drop_path", 0.0), task=config["task"], image_size=params["image_size"],
+               drop_path=params.get("drop_path", 0.0), task=config["task"], image_size=size,
                preprocess=preprocess, tta=spec, n_views=n_views, merge=merge, per_view=per_view,
                amp=params.get("amp", True), mean=tuple(data["normalize"]["mean"]), std=tuple(data["normalize"]["std"]),
                on_bad_image=data.get("on_bad_image", "raise"),
-               embedding_dim=params["embedding_dim"] if config["task"] == "retrieval" else 0)
+               embedding_dim=params["embedding_dim"] if config["task"] == "retrieval" else 0,
+               embeddings=embeddings and config["task"] != "retrieval")
 
 
 def _manifests(config: dict, seen: dict):
@@ -236,11 +254,12 @@ def _check_query_gallery(query, gallery) -> None:
                         "drop the duplicates from one of the two.")
 
 
-def _preprocess(run: Run, config: dict, fold: int) -> str:
-    """The preprocessing of the stage the fold's best epoch came from (a stage may override data.preprocess)."""
+def _best_stage(run: Run, config: dict, fold: int) -> tuple[str, int]:
+    """The preprocessing and image size of the stage the fold's best epoch came from (a stage may override
+    data.preprocess and the image size)."""
     best = (run.read_metrics(config["model_id"], fold) or {}).get("best_epoch")
     stage = stage_of(config, best - 1)[1] if best else config["stages"][-1]
-    return stage.get("preprocess") or config["data"]["preprocess"]
+    return stage.get("preprocess") or config["data"]["preprocess"], stage_size(config, stage)
 
 
 def build_model(job: Job):
@@ -291,5 +310,5 @@ def check_checkpoints(run: Run, plans: list[ModelPlan]) -> None:
                     "backbone differ): restore this model's own weights.pt or retrain it.")
 
 
-__all__ = ["Job", "ModelPlan", "PREDICT_FILES", "build_model", "check_checkpoints", "outputs_done", "plan_run",
+__all__ = ["CLASSIFIER_EMB_FILES", "Job", "ModelPlan", "PREDICT_FILES", "build_model", "check_checkpoints", "outputs_done", "plan_run",
            "read_run_folds"]

@@ -102,14 +102,15 @@ class Predictor:
         return torch
 
     def predict(self, job: Job, paths: list[str], start: int, stop: int) -> dict:
-        """Rows start..stop of `paths`: "merged" probabilities (retrieval: embeddings), and "views" with job.per_view."""
+        """Rows start..stop of `paths`: "merged" probabilities (retrieval: embeddings), "views" with job.per_view,
+        and "emb" with job.embeddings (the pooled pre-logit features, views averaged, L2-normalised)."""
         torch = self._torch()
         from ensemble.data.loader import normalize_batch
 
         began, loads = time.perf_counter(), self.loads
         model, loader = self._model(job), self._loader(job, paths)
         loader.sampler.rows = range(start, stop)
-        chunks, seen, skipped = [], [], []
+        chunks, embedded, seen, skipped = [], [], [], []
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=job.amp and self.device.type == "cuda"):
             for x, _, index, bad in loader:
                 skipped += bad  # unreadable images under on_bad_image: skip
@@ -117,7 +118,12 @@ class Predictor:
                     continue
                 n, v = x.shape[:2]  # N x V x 3 x S x S uint8: all views of the batch in one forward pass
                 x = normalize_batch(x.to(self.device, non_blocking=True).flatten(0, 1), job.mean, job.std)
-                out = model.embed(x) if job.embedding_dim else model(x)
+                if job.embeddings:  # one forward: the logits are computed from the same features
+                    feats = model.forward_features(x)
+                    embedded.append(model.forward_head(feats, pre_logits=True).float().view(n, v, -1).cpu().numpy())
+                    out = model.forward_head(feats)
+                else:
+                    out = model.embed(x) if job.embedding_dim else model(x)
                 chunks.append(out.float().view(n, v, -1).cpu().numpy())
                 seen.append(index.numpy())
         rows = np.concatenate(seen or [np.zeros(0, int)])
@@ -131,6 +137,10 @@ class Predictor:
         outputs = {"merged": merge_embeddings(logits) if job.embedding_dim else merge_views(logits, job.task, job.merge)}
         if job.per_view:
             outputs["views"] = activate(logits, job.task)
+        if job.embeddings:
+            dim = getattr(model, "head_hidden_size", None) or model.num_features  # timm: the pre-logits width
+            outputs["emb"] = merge_embeddings(np.concatenate(embedded) if embedded else
+                                              np.zeros((0, job.n_views, dim), np.float32))
         out = {"key": job.key, "start": start, "loads": self.loads - loads}
         for name, values in outputs.items():  # rows of skipped images stay NaN: write_outputs fills them
             out[name] = np.full((stop - start, *values.shape[1:]), np.nan, np.float32)
@@ -231,7 +241,7 @@ def run_pool(actors: list, items: list, sizes: dict, progress: bool, on_model_do
                 raise PredictFailed(f"a predictor actor died more than {ACTOR_RESTARTS} times ({exc}); the models "
                                     "written so far are complete: rerun the same command to predict the rest.") from None
             model_id, fold, split = res["key"]
-            for name in ("merged", "views") if "views" in res else ("merged",):
+            for name in [name for name in ("merged", "views", "emb") if name in res]:
                 arr = results.setdefault((model_id, fold, split, name),
                                          np.empty((sizes[res["key"]], *res[name].shape[1:]), np.float32))
                 arr[res["start"]: res["start"] + len(res[name])] = res[name]

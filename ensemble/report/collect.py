@@ -189,7 +189,7 @@ def _model_row(run: Run, config: dict, errors: dict[str, str]) -> ModelRow:
     known = [s for s in scores if s is not None]
     histories = [m.get("history") or [] for m in folds]
     seconds = [row.get("seconds") or 0.0 for h in histories for row in h]
-    row = ModelRow(model_id, model_label(config.get("backbone", model_id), config.get("searched") or {}),
+    row = ModelRow(model_id, model_label(config.get("backbone", model_id), config.get("searched") or {}, config.get("round", 1)),
                    _state(run, config, errors), scores, [m.get("best_epoch") for m in folds], histories,
                    mean=float(np.mean(known)) if known else None,
                    std=float(np.std(known)) if len(known) > 1 else None,  # as the sweep's leaderboard.csv

@@ -7,8 +7,9 @@
 No torch and no Ray here: trial processes, the stacking layer and the tests read runs through it.
 """
 
-from ensemble.run.layout import Run, open_run, stage_of, total_epochs
+from ensemble.run.layout import Run, open_run, stage_of, stage_size, total_epochs
 from ensemble.run.lock import locked
 from ensemble.run.storage import is_uri, join, split
 
-__all__ = ["Run", "is_uri", "join", "locked", "open_run", "split", "stage_of", "total_epochs"]
+__all__ = ["Run", "is_uri", "join", "locked", "open_run", "split", "stage_of", "stage_size",
+           "total_epochs"]

@@ -58,6 +58,11 @@ def total_epochs(config: dict) -> int:
     return sum(stage["epochs"] for stage in config["stages"])
 
 
+def stage_size(config: dict, stage: dict) -> int:
+    """A stage's image size: its own `image_size` (progressive resizing), else the model's params."""
+    return stage.get("image_size") or config["params"]["image_size"]
+
+
 def stage_of(config: dict, epoch: int) -> tuple[int, dict, int]:
     """(stage index, stage, epoch index inside the stage) of a 0-based global epoch."""
     start = 0

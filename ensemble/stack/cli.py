@@ -15,7 +15,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description="Combine a run's out-of-fold predictions: greedy selection, thresholds, "
                                             "meta-models, each scored under cross-validation.")
     p.add_argument("--run", required=True, help="run directory (folds.csv, models/), or its URI (s3://..., file://...)")
-    p.add_argument("--method", default="all", choices=METHODS + ("all",), help="what to fit besides the baselines")
+    p.add_argument("--method", default="all", choices=METHODS + ("all",),
+                   help="what to fit besides the baselines (greedy and the meta-models also run as <method>+views "
+                        "where models have predict --per-view files)")
     p.add_argument("--metric", help=f"{' | '.join(PROBABILITY_METRICS)} [the metric the sweep monitored]; with f2/fbeta "
                                     "a multilabel run ranks every method after its own per-label thresholds")
     p.add_argument("--beta", type=float, default=2.0, help="F-beta's beta for thresholds (and --metric fbeta)")
@@ -24,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-size", type=int, default=1, help="greedy: start from the best N models")
     p.add_argument("--bagging", type=int, default=0, help="greedy: number of random model subsets (0 = off)")
     p.add_argument("--extra-features", action="store_true", help="meta-models also see each model's entropy")
-    p.add_argument("--no-tta", action="store_true", help="use oof.parquet even where oof_tta.parquet exists")
+    p.add_argument("--no-tta", action="store_true", help="use oof.parquet even where oof_tta.parquet exists "
+                                                          "(per-view files still give the +views rows)")
     p.add_argument("--skip-incomplete", action="store_true", help="leave out models with missing outputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="quick: 10 greedy steps, at most 60 boosting rounds")

@@ -7,6 +7,11 @@ meta-models (`ensemble.stack.meta`), fits per-label thresholds for multilabel ru
 scores.csv, selection.json, thresholds.json, meta/ and submission.csv. Every
 method's cv_score comes from predictions made for fold f without fold f's labels.
 
+When models have per-view predictions (`predict --per-view`), each TTA view is
+also a member, and greedy and the meta-models run a second time over the merged
+and view members together: rows `greedy+views`, `lgbm+views`, ... beside the
+rows without them, so view weighting's honest effect is on the table either way.
+
 When a multilabel run is judged by F-beta, every method is also scored after
 its own per-label thresholds (fitted on folds != f, applied to fold f), and the
 winner is chosen on that: the submission is thresholded, and a calibrated
@@ -28,6 +33,7 @@ from ensemble.run import Run
 from ensemble.stack.meta import META_METHODS, fit_meta, meta_files
 
 METHODS = ("greedy", "mean") + META_METHODS
+VIEWS = "+views"  # the suffix of a method fitted over the merged models and their TTA views (issue 11)
 SCORE_COLUMNS = ["method", "metric", "cv_score", "in_sample_score", "cv_score_thresholded",
                  "in_sample_score_thresholded"]  # scores.csv; the last two only for F-beta on multilabel
 
@@ -67,41 +73,65 @@ def _best_single(data, metric: Metric) -> MethodResult:
 
 
 def run_methods(data, methods, metric: Metric, args) -> tuple[list[MethodResult], dict]:
-    """Score every method; returns the rows and the files to write under ensemble/ (path -> bytes)."""
-    from ensemble.stack.select import GreedySelection, cross_val_predict
+    """Score every method; returns the rows and the files to write under ensemble/ (path -> bytes).
 
+    With TTA-view members (`data.view_ids`), greedy and each meta-model also run over the merged and
+    view members together, as `<method>+views`, right after the row without them."""
     rows, files = [_best_single(data, metric)], {}
     y, task = data.y_true, data.task
     mean_oof = data.oof.mean(axis=0)
     score = metric(y, mean_oof, task)
     rows.append(MethodResult("mean", metric.name, score, score, mean_oof, data.test.mean(axis=0)))
+    member_sets, selection = _member_sets(data), {}
     for method in methods:
         if method == "mean":
             continue
-        start = time.perf_counter()
-        if method == "greedy":
-            selector = GreedySelection(metric, task, iterations=10 if args.smoke else args.iterations,
-                                       init_size=min(args.init_size, len(data.model_ids)), bagging=args.bagging,
-                                       random_state=args.seed).fit(data.oof, y)
-            cv_oof, fold_weights = cross_val_predict(selector, data.oof, y, data.folds)
-            row = MethodResult("greedy", metric.name, metric(y, cv_oof, task), selector.score_, cv_oof,
-                               selector.predict(data.test))
-            files["selection.json"] = _json({
-                "metric": metric.name, "iterations": selector.iterations, "init_size": selector.init_size,
-                "bagging": selector.bagging, "weights": dict(zip(data.model_ids, selector.weights_.tolist())),
-                "counts": dict(zip(data.model_ids, selector.counts_.tolist())),
-                "trajectory": selector.trajectory_, "picks": [data.model_ids[i] for i in selector.indices_[0]],
-                "best_step": selector.best_step_, "cv_score": row.cv_score,
-                "in_sample_score": row.in_sample_score,
-                "cv_weights": {str(f): dict(zip(data.model_ids, w.tolist())) for f, w in fold_weights.items()}})
-        else:
-            fit = fit_meta(method, data.oof, y, data.folds, data.test, task, args.extra_features, args.smoke, args.seed)
-            row = MethodResult(method, metric.name, metric(y, fit.oof, task), metric(y, fit.in_sample, task),
-                               fit.oof, fit.test)
-            files.update({f"meta/{method}/{k}": v for k, v in meta_files(fit, data.classes, data.model_ids).items()})
-        row.seconds = time.perf_counter() - start
-        rows.append(row)
+        for suffix, members, oof, test in member_sets:
+            start = time.perf_counter()
+            if method == "greedy":
+                row, doc = _greedy(method + suffix, data, members, oof, test, metric, args)
+                # selection.json keeps its keys for the merged members; view weighting goes under "views"
+                selection.update({"views": doc} if suffix else doc)
+                files["selection.json"] = _json(selection)
+            else:
+                fit = fit_meta(method, oof, y, data.folds, test, task, args.extra_features, args.smoke, args.seed)
+                row = MethodResult(method + suffix, metric.name, metric(y, fit.oof, task),
+                                   metric(y, fit.in_sample, task), fit.oof, fit.test)
+                files.update({f"meta/{row.method}/{k}": v for k, v in meta_files(fit, data.classes, members).items()})
+            row.seconds = time.perf_counter() - start
+            rows.append(row)
     return rows, files
+
+
+def _member_sets(data) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
+    """(row suffix, member names, OOF, test) to fit on: the merged models, and with TTA-view members
+    all of them together (the same rows and folds, so `+views` is cross-validated like the rest)."""
+    sets = [("", data.model_ids, data.oof, data.test)]
+    if data.view_ids:
+        sets.append((VIEWS, data.model_ids + data.view_ids, np.concatenate([data.oof, data.view_oof]),
+                     np.concatenate([data.test, data.view_test])))
+    return sets
+
+
+def _greedy(name: str, data, members: list[str], oof: np.ndarray, test: np.ndarray, metric: Metric,
+            args) -> tuple[MethodResult, dict]:
+    """Greedy selection over `members` (in sample, and selected on folds != f for fold f); its row and
+    its selection.json document."""
+    from ensemble.stack.select import GreedySelection, cross_val_predict
+
+    y, task = data.y_true, data.task
+    selector = GreedySelection(metric, task, iterations=10 if args.smoke else args.iterations,
+                               init_size=min(args.init_size, len(members)), bagging=args.bagging,
+                               random_state=args.seed).fit(oof, y)
+    cv_oof, fold_weights = cross_val_predict(selector, oof, y, data.folds)
+    row = MethodResult(name, metric.name, metric(y, cv_oof, task), selector.score_, cv_oof, selector.predict(test))
+    doc = {"metric": metric.name, "iterations": selector.iterations, "init_size": selector.init_size,
+           "bagging": selector.bagging, "weights": dict(zip(members, selector.weights_.tolist())),
+           "counts": dict(zip(members, selector.counts_.tolist())),
+           "trajectory": selector.trajectory_, "picks": [members[i] for i in selector.indices_[0]],
+           "best_step": selector.best_step_, "cv_score": row.cv_score, "in_sample_score": row.in_sample_score,
+           "cv_weights": {str(f): dict(zip(members, w.tolist())) for f, w in fold_weights.items()}}
+    return row, doc
 
 
 # ------------------------------------------------------------------ thresholds (multilabel)
@@ -185,11 +215,15 @@ def stack_run(run: Run, args):
     beta = 2.0 if name == "f2" else args.beta  # an F-beta metric's thresholds optimise that metric
     for model_id, why in data.skipped.items():
         print(f"skipped {model_id}: {why}")
+    if data.no_views:  # only said when other models have view members
+        print(f"no view members from {len(data.no_views)} model(s): "
+              + "; ".join(f"{m} ({why})" for m, why in data.no_views.items()))
     methods = list(METHODS) if args.method == "all" else [args.method]
     rows, files = run_methods(data, methods, metric, args)
     if data.task == "multilabel" and name in ("f2", "fbeta"):
         score_thresholded(rows, data, beta, args.average)
     winner = choose_winner(rows, metric)
+    winner = _smooth(data, rows, files, winner, metric, data.run, beta, args.average)
     test_pred = None
     if data.task == "multilabel":  # the submission is tags: thresholds are fitted on the winner either way
         extra, more, test_pred = _threshold_rows(data, winner, beta, args.average)
@@ -198,6 +232,23 @@ def stack_run(run: Run, args):
     files["scores.csv"] = _scores_csv(rows)
     files["submission.csv"] = _submission(data, winner, test_pred)
     return rows, winner, metric, data, files
+
+
+def _smooth(data, rows: list[MethodResult], files: dict, winner: MethodResult, metric: Metric, run: Run, beta: float,
+            average: str) -> MethodResult:
+    """The winner smoothed over its test rows' nearest neighbours (`ensemble.stack.smooth`), when a model has
+    embeddings: always a row of scores.csv, the winner only when its CV score is better."""
+    from ensemble.stack.smooth import neighbour_smoothing
+
+    smoothed, more, line = neighbour_smoothing(data, winner, metric, run)
+    print(line)
+    if smoothed is None:
+        return winner
+    if winner.cv_score_thresholded is not None:  # F-beta multilabel: ranked the way the others were
+        score_thresholded([smoothed], data, beta, average)
+    rows.append(smoothed)
+    files.update(more)
+    return smoothed if choose_winner([winner, smoothed], metric) is smoothed else winner
 
 
 def _scores_csv(rows: list[MethodResult]) -> bytes:
@@ -211,7 +262,9 @@ def _scores_csv(rows: list[MethodResult]) -> bytes:
 def print_summary(rows, winner, metric, data, out: Path | str) -> None:
     """The scores table, the winner against the best single model and the mean, the thresholds' gain."""
     thresholded = winner.cv_score_thresholded is not None
-    print(f"{len(data.model_ids)} models, {len(data.ids)} OOF rows, {len(data.test_ids)} test rows, task {data.task}")
+    views = f" (+{len(data.view_ids)} TTA-view members)" if data.view_ids else ""
+    print(f"{len(data.model_ids)} models{views}, {len(data.ids)} OOF rows, {len(data.test_ids)} test rows, "
+          f"task {data.task}")
     extra = f" {'cv_thr':>10} {'in_s_thr':>10}" if thresholded else ""
     print(f"{'method':<32} {'metric':<10} {'cv_score':>10} {'in_sample':>10}{extra} {'seconds':>8}")
     for r in rows:
@@ -222,6 +275,13 @@ def print_summary(rows, winner, metric, data, out: Path | str) -> None:
     how = f" after its own per-label thresholds ({winner.cv_score:.5f} at 0.5; chosen by {key})" if thresholded else ""
     print(f"winner: {winner.method} with cv {metric.name} {best:.5f}{how}, {sign * (single - best):+.5f} better "
           f"than {rows[0].method} ({single:.5f}) and {sign * (mean - best):+.5f} better than the mean ({mean:.5f})")
+    by_method = {r.method: r for r in rows}
+    gains = [f"{r.method} {sign * (getattr(by_method[r.method[:-len(VIEWS)]], key) - getattr(r, key)):+.5f}"
+             for r in rows if r.method.endswith(VIEWS)]
+    if gains:
+        after = " after thresholds" if thresholded else ""
+        print(f"view weighting, cv {metric.name}{after} vs the same method without views (+ = better): "
+              f"{', '.join(gains)}")
     if data.task == "multilabel":
         t, g = rows[-2], rows[-1]
         print(f"thresholds on {winner.method}: cv {t.metric} {t.cv_score:.5f} per label vs {g.cv_score:.5f} "

@@ -13,6 +13,12 @@ with folds.csv, NaN/inf, values outside [0, 1], multiclass rows not summing to
 class columns that differ between models. A model with missing files or a
 missing fold is incomplete: the error lists all of them, and
 `skip_incomplete=True` leaves them out instead.
+
+A complete model with per-view files (`predict --per-view`: oof_views.parquet
+and test_views.parquet, long with a `view` column, and the views listed in
+predict.json) also gives one member per TTA view, `<model_id>@<view>`, checked
+the same way; they are kept apart (`view_ids`, `view_oof`, `view_test`) so the
+merged members stack exactly as without them.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ class StackData:
     sources: dict[str, str] = field(default_factory=dict)  # model_id -> the OOF file used
     skipped: dict[str, str] = field(default_factory=dict)  # model_id -> why it was left out
     metric: str = "log_loss"  # the metric the sweep monitored (config.json): the stack's default
+    # TTA views as extra members (`predict --per-view`), kept apart so the fields above mean what they always did
+    view_ids: list[str] = field(default_factory=list)  # '<model_id>@<view>', model by model in predict.json's order
+    view_oof: np.ndarray | None = None  # view members x rows x classes
+    view_test: np.ndarray | None = None  # view members x test rows x classes
+    no_views: dict[str, str] = field(default_factory=dict)  # model_id -> why it has no view members
 
 
 def _some(values, noun: str = "id") -> str:
@@ -117,7 +128,7 @@ def _encode(frame: pd.DataFrame, target: dict, classes: list[str]) -> np.ndarray
     return np.asarray(encode_targets(frame, _target_fields(target), classes), dtype=np.float64)
 
 
-def _check_values(path: Path, frame: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
+def _check_values(path: Path | str, frame: pd.DataFrame, classes: list[str], task: str) -> np.ndarray:
     """The class columns as floats, after the NaN / range / row-sum checks."""
     try:
         values = frame[classes].to_numpy(dtype=np.float64)
@@ -153,9 +164,10 @@ def _check_columns(path: Path, frame: pd.DataFrame, keys: list[str], classes: li
     if missing or extra:
         raise UserError(f"{path}: class columns differ from {ref}: missing {missing[:5]}, unexpected {extra[:5]}. "
                         "Every model must predict the same classes, with columns named exactly as the classes.")
-    if frame["id"].duplicated().any():
-        raise UserError(f"{path}: duplicate ids {_some(frame['id'][frame['id'].duplicated()].unique())}; "
-                        "each id appears once.")
+    duplicated = frame.duplicated([k for k in keys if k != "fold"])  # id, and view in the per-view files
+    if duplicated.any():
+        per = " per view" if "view" in keys else ""
+        raise UserError(f"{path}: duplicate ids {_some(frame['id'][duplicated].unique())}; each id appears once{per}.")
 
 
 def _model_files(model_dir: Path, tta: bool) -> tuple[Path | None, list[str]]:
@@ -178,6 +190,12 @@ def _read_oof(path: Path, index: pd.Index, folds: np.ndarray, classes: list[str]
     """Rows x classes in folds.csv order, or why the model is incomplete (whole folds missing)."""
     oof = _read_parquet(path)
     _check_columns(path, oof, ["id", "fold"], classes, class_ref)
+    return _align_oof(path, oof, index, folds, classes, task)
+
+
+def _align_oof(path: Path | str, oof: pd.DataFrame, index: pd.Index, folds: np.ndarray, classes: list[str],
+               task: str) -> np.ndarray | str:
+    """`oof`'s class columns in folds.csv order after the id, fold and value checks (`path` names it in errors)."""
     oof_ids = oof["id"].astype(str).to_numpy(dtype=object)
     pos = index.get_indexer(oof_ids)
     if (pos < 0).any():
@@ -188,7 +206,7 @@ def _read_oof(path: Path, index: pd.Index, folds: np.ndarray, classes: list[str]
     if absent.any():
         missing_folds = np.unique(folds[absent])
         if not np.isin(folds[~absent], missing_folds).any():
-            return f"{path.name} has no rows for fold(s) {missing_folds.tolist()}"
+            return f"{Path(path).name} has no rows for fold(s) {missing_folds.tolist()}"
         raise UserError(f"{path}: ids differ from folds.csv and the other models: {_some(index[absent])} "
                         "of folds.csv are missing; every training id needs exactly one OOF row.")
     wrong = pd.to_numeric(oof["fold"], errors="coerce").to_numpy() != folds[pos]
@@ -204,6 +222,11 @@ def _read_test(path: Path, classes: list[str], task: str, class_ref: str, test_i
     """(ids, rows x classes) of test.parquet, aligned to the first model's test ids when given."""
     test = _read_parquet(path)
     _check_columns(path, test, ["id"], classes, class_ref)
+    return _align_test(path, test, classes, task, test_ids, test_ref)
+
+
+def _align_test(path: Path | str, test: pd.DataFrame, classes: list[str], task: str, test_ids, test_ref) -> tuple:
+    """(ids, rows x classes) of `test` after the value checks, in `test_ids`' order when given."""
     t_ids = test["id"].astype(str).to_numpy(dtype=object)
     if test_ids is None:
         return t_ids, _check_values(path, test, classes, task)
@@ -216,6 +239,58 @@ def _read_test(path: Path, classes: list[str], task: str, class_ref: str, test_i
     values = np.empty((len(test_ids), len(classes)))
     values[pos] = _check_values(path, test, classes, task)
     return test_ids, values
+
+
+VIEW_FILES = ("oof_views.parquet", "test_views.parquet")
+
+
+def _listed_views(model_dir: Path) -> tuple[list[str], str]:
+    """predict.json's views when the model has both per-view files, else ([], why it has no view members)."""
+    present = [name for name in VIEW_FILES if (model_dir / name).exists()]
+    if not present:
+        return [], "no per-view files"
+    if len(present) == 1:
+        return [], f"{present[0]} without {next(n for n in VIEW_FILES if n not in present)}"
+    path = model_dir / "predict.json"
+    try:
+        views = json.loads(path.read_text()).get("views")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{path}: cannot be read as JSON ({exc}); rerun python -m ensemble.predict for this "
+                        "model.") from exc
+    if not views:
+        return [], "predict.json lists no views"
+    return [str(v) for v in views], ""
+
+
+def _read_views(run: Run, model_dir: Path, views: list[str], index: pd.Index, folds: np.ndarray, classes: list[str],
+                task: str, class_ref: str, test_ids, test_ref) -> tuple[np.ndarray, np.ndarray]:
+    """(views x rows x classes, views x test rows x classes) from oof_views/test_views.parquet (long: one row
+    per id and view), each view checked like a model's own OOF and test files."""
+    redo = f"rerun python -m ensemble.predict --run {run.show()} --per-view --force --models {model_dir.name}"
+    out = []
+    for name, keys in zip(VIEW_FILES, (["id", "fold", "view"], ["id", "view"])):
+        path = model_dir / name
+        frame = _read_parquet(path)
+        _check_columns(path, frame, keys, classes, class_ref)
+        frame["view"] = frame["view"].astype(str)
+        found = frame["view"].unique().tolist()
+        missing, extra = [v for v in views if v not in found], [v for v in found if v not in views]
+        if missing or extra:
+            raise UserError(f"{path}: views differ from predict.json's {views}: missing {missing[:5]}, unexpected "
+                            f"{extra[:5]}; the per-view files are from another prediction: {redo}.")
+        parts = dict(tuple(frame.groupby("view", sort=False)))
+        values = []
+        for view in views:
+            label = f"{path} (view {view!r})"
+            if name == "oof_views.parquet":
+                value = _align_oof(label, parts[view], index, folds, classes, task)
+                if isinstance(value, str):
+                    raise UserError(f"{model_dir}/{value}, though the model's own OOF file has them; {redo}.")
+            else:
+                value = _align_test(label, parts[view], classes, task, test_ids, test_ref)[1]
+            values.append(value)
+        out.append(np.stack(values))
+    return out[0], out[1]
 
 
 def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) -> StackData:
@@ -250,6 +325,7 @@ def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) ->
     index = pd.Index(ids)
     incomplete = {d.name: "config.json missing" for d in model_dirs if d.name not in configs}
     oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None
+    view_ids, view_oof, view_test, no_views = [], [], [], {}
     class_ref = run.rel(run.model_dir(ref_id) / "config.json")
     for model_id in configs:
         model_dir = run.model_dir(model_id)
@@ -267,6 +343,15 @@ def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) ->
         oof_list.append(values)
         test_list.append(t_values)
         sources[model_id] = oof_path.name
+        views, why = _listed_views(model_dir)
+        if not views:
+            no_views[model_id] = why
+            continue
+        v_oof, v_test = _read_views(run, model_dir, views, index, folds, classes, task, class_ref, test_ids,
+                                    test_ref)
+        view_ids += [f"{model_id}@{v}" for v in views]
+        view_oof.append(v_oof)
+        view_test.append(v_test)
 
     skipped = {}
     if incomplete:
@@ -281,4 +366,6 @@ def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) ->
         run=run, task=task, classes=classes, target=target, model_ids=list(sources), ids=ids, folds=folds,
         y_true=_encode(folds_frame, target, classes), oof=np.stack(oof_list), test_ids=test_ids,
         test=np.stack(test_list), sources=sources, skipped=skipped, metric=ref.get("metric", "log_loss"),
+        view_ids=view_ids, view_oof=np.concatenate(view_oof) if view_ids else None,
+        view_test=np.concatenate(view_test) if view_ids else None, no_views=no_views if view_ids else {},
     )

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +57,17 @@ class SweepPlan:
     configs: list[dict]  # one per model, as in models/<id>/config.json
     searched: dict[str, dict]  # model_id -> its searched params (for the display and the leaderboard)
     restart: bool = False  # an earlier launch wrote a plan but trained nothing: it is replaced
+    grown: list[str] = field(default_factory=list)  # what a resumed space adds to the run (spaces.check_frozen)
 
 
 def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> SweepPlan:
     """Check the space against the run, read and check the data, make the folds and the model configs."""
-    restart = _check_relaunch(space, run, resume)
+    restart, grown = _check_relaunch(space, run, resume)
     manifest, target = _read_training_manifest(space)
-    folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart)
+    added = {r: _round_manifest(space, item, target) for r, item in enumerate(space.rounds or [], 2) if item.manifest}
+    folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart,
+                         also={i for m in added.values() for i in m.frame["id"]})
+    folds = _round_rows(space, folds, target, added)
     configs, searched, stats = [], {}, {}
     for spec in spaces.resolve_models(space):
         searched[spec.model_id] = spec.searched
@@ -72,22 +76,25 @@ def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> S
             configs.append(run.read_config(spec.model_id))
         else:
             configs.append(_model_config(space, spec, manifest, target, folds, stats))
-    return SweepPlan(space, folds, configs, searched, restart)
+    return SweepPlan(space, folds, configs, searched, restart, grown)
 
 
-def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
-    """Whether an existing plan is replaced; raises when the run holds trained epochs it would lose."""
+def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> tuple[bool, list[str]]:
+    """(whether an existing plan is replaced, what the space adds to it); raises when the run holds
+    trained epochs it would lose."""
     if not run.space_file.exists():
         if resume:
             raise UserError(f"--resume: {run.show()} holds no sweep (no space.yaml). Drop --resume to start it.")
-        return False
+        return False, []
     try:
-        spaces.check_frozen(space, run.dir)
+        grown = spaces.check_frozen(space, run.dir)
         changed = None
     except UserError as exc:
         changed = exc
     if resume and changed is None:
-        return False
+        if grown:
+            print(f"Growing {run.show()}: {'; '.join(grown)}. Its models are kept as they are.")
+        return False, grown
     trained = run.trained_epochs()
     if trained and not resume:
         raise UserError(f"{run.show()} already holds a sweep ({trained} fold-epoch(s) trained). Continue it with "
@@ -97,8 +104,8 @@ def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> bool:
         raise UserError(f"{changed} (Only a run in which no fold has finished an epoch may start again with "
                         f"another space; this one has {trained} fold-epoch(s) trained.)")
     print(f"note: {run.show()} holds a sweep in which no fold has finished an epoch; starting it again"
-          + (" with the space as it is now." if changed else "."))
-    return True
+          + (" with the space as it is now." if changed or grown else "."))
+    return True, []
 
 
 def _read_training_manifest(space: spaces.Space) -> tuple[Manifest, Target]:
@@ -110,11 +117,12 @@ def _read_training_manifest(space: spaces.Space) -> tuple[Manifest, Target]:
 
 
 def _folds_frame(space: spaces.Space, manifest: Manifest, target: Target, run: Run, smoke: bool,
-                 reuse: bool) -> pd.DataFrame:
-    """folds.csv: made once per sweep, reused on resume (its rows define the sweep's training set)."""
+                 reuse: bool, also: set = frozenset()) -> pd.DataFrame:
+    """folds.csv: made once per sweep, reused on resume (its rows define the sweep's training set);
+    `also`: the ids of the rounds' manifests, which may be in it too."""
     if reuse and run.folds_file.exists():
         frame = pd.read_csv(run.folds_file, dtype=str, keep_default_na=False)
-        missing = sorted(set(frame["id"]) - set(manifest.frame["id"]))
+        missing = sorted(set(frame["id"]) - set(manifest.frame["id"]) - also)
         if missing:
             raise UserError(f"{run.show(run.folds_file)}: {len(missing)} ids are no longer in the manifest "
                             f"{manifest.path} (first: {missing[:5]}); the data changed since the sweep started: "
@@ -142,9 +150,57 @@ def _folds_frame(space: spaces.Space, manifest: Manifest, target: Target, run: R
     return out
 
 
+def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added: dict) -> pd.DataFrame:
+    """folds.csv with the rows that rounds' manifests (`added`: round -> Manifest) add, appended: a row keeps
+    its fold once it has one, and each round's new rows get folds by the space's strategy."""
+    for r, manifest in added.items():
+        new = manifest.subset(~manifest.frame["id"].isin(folds["id"]))
+        if not len(new.frame):
+            continue
+        y, groups = new.targets(), new.groups
+        y = y if target.task == "multilabel" else y.argmax(1)
+        try:
+            fold = folds_mod.make_folds(y, space.folds.k, space.folds.strategy, space.folds.seed, groups=groups,
+                                        classes=new.classes)
+        except UserError as exc:
+            raise UserError(f"{space.path}: rounds[{r - 2}]: the {len(new.frame)} rows {manifest.path} adds cannot "
+                            f"be split into {space.folds.k} folds: {exc}") from None
+        rows = new.frame[[c for c in folds.columns if c != "fold"]].copy()
+        rows.insert(1, "fold", fold)
+        folds = pd.concat([folds, rows], ignore_index=True)
+    return folds
+
+
+def _round_manifest(space: spaces.Space, item, target: Target) -> Manifest:
+    data = space.data  # image paths are relative to the space's root, as the first round's are
+    return read_manifest(item.manifest, space.root_path, target=target, classes=data.classes,
+                         check_images=data.check_images, on_bad_image=data.on_bad_image)
+
+
 def _model_config(space: spaces.Space, spec, manifest: Manifest, target: Target, folds: pd.DataFrame,
                   stats: dict) -> dict:
-    """Everything a fold task needs to rebuild this model (written as models/<id>/config.json)."""
+    """Everything a fold task needs to rebuild this model (written as models/<id>/config.json).
+
+    A round's model (spec.round > 1) adds its round, the model it starts from (`init_from`, the same
+    backbone and params one round earlier, or the round given) and its pseudo-label and hard-example
+    settings; its stages and manifest are the round's."""
+    config = _base_config(space, spec, manifest, target, folds, stats)
+    if spec.round == 1:
+        return config
+    item = space.rounds[spec.round - 2]
+    base_id = config["model_id"].rsplit("-r", 1)[0]
+    parent = spaces.round_id(base_id, spaces.parent_round(spec.round, item.init))
+    if item.manifest:
+        config["data"]["manifest"] = item.manifest
+    pseudo = item.pseudo and dict(item.pseudo, model=parent, manifest=str(
+        space.test_manifest_path if item.pseudo["from"] == "test" else item.pseudo["from"]))
+    return config | {"round": spec.round, "stages": [dict(s) for s in item.stages],
+                     "init_from": None if item.init == "scratch" else parent, "pseudo": pseudo,
+                     "hard_examples": item.hard_examples and dict(item.hard_examples)}
+
+
+def _base_config(space: spaces.Space, spec, manifest: Manifest, target: Target, folds: pd.DataFrame,
+                 stats: dict) -> dict:
     data = dict(space.data, manifest=str(manifest.path), root=str(manifest.root),
                 normalize=_normalization(space, spec, manifest, folds, stats),
                 **{key: str(getattr(space, f"{key}_path")) if space.data[key] else None
@@ -203,14 +259,18 @@ def write_plan(plan: SweepPlan, run: Run) -> None:
     """space.yaml, folds.csv and every model's config.json, each once (replaced only on a restart)."""
     if plan.restart:
         run.remove(run.space_file, run.folds_file, run.models_dir)  # a plan that trained nothing
-    spaces.freeze_space(plan.space, run.dir)
-    if not run.folds_file.exists():
+    spaces.freeze_space(plan.space, run.dir, plan.grown)
+    if not run.folds_file.exists() or _rows(run.folds_file) < len(plan.folds):  # a round's manifest added rows
         write_csv(plan.folds, run.folds_file)
     written = []
     for config in plan.configs:
         if not (run.model_dir(config["model_id"]) / "config.json").exists():
             written.append(run.write_config(config))
     run.push(run.space_file, run.folds_file, *written)
+
+
+def _rows(path: Path) -> int:
+    return len(pd.read_csv(path, usecols=["id"]))
 
 
 def prepare_run(space: spaces.Space, location: str | Path, *, resume: bool = False, smoke: bool = False) -> list[dict]:
@@ -271,11 +331,15 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         done = [m for m, s in states.items() if s == state]
         if done:
             print(f"{len(done)} model(s) already {state}, not run again: {', '.join(done)}")
-    errors, began = [], time.perf_counter()
-    if todo:
-        errors = _tune(space, plan, todo, run, slots, max_concurrent, verbose)
-        run.pull_artifacts()  # what the trials wrote, for the leaderboard
-    else:
+    errors, began, orphans = [], time.perf_counter(), []
+    for r in sorted({c.get("round", 1) for c in todo}):  # a round starts from the one before: in order
+        batch, orphans = _startable([c for c in todo if c.get("round", 1) == r], run, orphans)
+        if batch:
+            errors = _tune(space, plan, batch, run, slots, max_concurrent, verbose)
+            run.pull_artifacts()  # what the trials wrote, for the leaderboard (and the next round)
+        if errors or any(run.model_state(c["model_id"]) == "todo" for c in batch):  # failed or interrupted
+            break
+    if not todo:
         print("Nothing to train: every model of this run is complete or pruned.")
     board = leaderboard(run, plan.configs)  # written whatever happened next: it shows what is done
     write_csv(board, run.leaderboard_file)
@@ -283,7 +347,7 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
     if errors:
         raise SweepFailed(f"{len(errors)} model(s) failed after retries: " + "; ".join(errors)
                           + f". Fix the cause, then resume with: {resume_command(space, location)}")
-    unfinished = [c["model_id"] for c in todo if run.model_state(c["model_id"]) == "todo"]
+    unfinished = [c["model_id"] for c in todo if run.model_state(c["model_id"]) == "todo" and c not in orphans]
     if unfinished:  # Tune ends gracefully on Ctrl-C: its run "finishes" with these models still to train
         raise Interrupted(f"interrupted: {len(unfinished)} model(s) not finished; every finished epoch is kept. "
                           f"Continue with: {resume_command(space, location)}")
@@ -293,6 +357,22 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
             print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
     return board
+
+
+def _startable(configs: list[dict], run: Run, orphans: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the round's models whose earlier-round models are complete, every model left out so far):
+    a model whose start or pseudo-labels would come from a pruned model is not trained."""
+    ready = []
+    for config in configs:
+        needs = {config.get("init_from"), (config.get("pseudo") or {}).get("model")} - {None}
+        missing = [m for m in sorted(needs) if run.model_state(m) != "complete"]
+        if missing:
+            print(f"{config['model_id']} not trained: it starts from {', '.join(missing)}, which "
+                  f"{'is' if len(missing) == 1 else 'are'} {run.model_state(missing[0])} (not complete).")
+            orphans = orphans + [config]
+        else:
+            ready.append(config)
+    return ready, orphans
 
 
 @contextlib.contextmanager

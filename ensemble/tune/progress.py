@@ -22,9 +22,10 @@ import pandas as pd
 from ensemble.run import Run, total_epochs
 
 
-def model_label(backbone: str, searched: dict) -> str:
-    """'test_resnet lr=0.003': the backbone and the searched params by name (the fixed ones are the space's)."""
-    return " ".join([backbone, *(f"{k}={_short(v)}" for k, v in sorted(searched.items()))])
+def model_label(backbone: str, searched: dict, round: int = 1) -> str:
+    """'test_resnet lr=0.003': the backbone and the searched params by name (the fixed ones are the space's);
+    a later round's model ends in its round ('test_resnet lr=0.003 r2')."""
+    return " ".join([backbone, *(f"{k}={_short(v)}" for k, v in sorted(searched.items()))] + [f"r{round}"] * (round > 1))
 
 
 def _short(value) -> str:
@@ -89,12 +90,14 @@ class SweepProgress:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.metric, self.mode, self.run = metric, mode, run
-        self.models = {c["model_id"]: _Model(model_label(c["backbone"], searched.get(c["model_id"], {})), c["k"],
+        self.models = {c["model_id"]: _Model(model_label(c["backbone"], searched.get(c["model_id"], {}), c.get("round", 1)), c["k"],
                                              total_epochs(c)) for c in configs}
         self.began, self.drawn, self.last_tick = time.time(), 0, 0.0
         self.width = label_width(m.label for m in self.models.values())
         slots = sum(m.total for m in self.models.values())
-        self._print(f"Sweep: {len(self.models)} model(s) x {configs[0]['k']} folds, {slots} fold-epochs "
+        rounds = sorted({c.get("round", 1) for c in configs})
+        what = f"Round {rounds[0]}" if rounds != [1] and len(rounds) == 1 else "Sweep"
+        self._print(f"{what}: {len(self.models)} model(s) x {configs[0]['k']} folds, {slots} fold-epochs "
                     f"({metric}, {'lower' if mode == 'min' else 'higher'} is better)")
 
     # ----------------------------------------------------------------- events
@@ -222,19 +225,31 @@ def leaderboard(run: Run, configs: list[dict]) -> pd.DataFrame:
         scores = [m.get("best_score") for m in folds]
         known = [s for s in scores if s is not None]
         searched = config.get("searched") or {}
-        row = {"model": model_label(config["backbone"], searched), "model_id": model_id,
+        row = {"model": model_label(config["backbone"], searched, config.get("round", 1)), "model_id": model_id,
                "backbone": config["backbone"], **searched, "state": run.model_state(model_id), "metric": metric,
                "mean": float(np.mean(known)) if known else None,
                "std": float(np.std(known)) if len(known) > 1 else None,
                **{f"fold{f}": s for f, s in enumerate(scores)},
                "best_epochs": " ".join(str(m.get("best_epoch", "-")) for m in folds),
                "epochs": total_epochs(config)}
+        if any(c.get("round", 1) > 1 for c in configs):  # what each round is worth: against the model it grew from
+            start = config.get("init_from") or (config.get("pseudo") or {}).get("model")
+            row |= {"round": config.get("round", 1), "start": start or "", "gain": None}
         rows.append(row)
     board = pd.DataFrame(rows)
     if board.empty:
         return board
     ascending = configs[0]["mode"] == "min"
+    if "round" in board:  # gain > 0: better than the model it started from (or took pseudo-labels from)
+        means = board.set_index("model_id")["mean"]
+        board["gain"] = [(means.get(f, np.nan) - m) * (1 if ascending else -1) if f else np.nan
+                         for f, m in zip(board["start"], board["mean"])]
     return board.sort_values("mean", ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _round_of(model_id: str) -> int:
+    tail = model_id.rsplit("-r", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
 
 
 def print_leaderboard(board: pd.DataFrame, where: str, stream=None) -> None:
@@ -251,6 +266,7 @@ def print_leaderboard(board: pd.DataFrame, where: str, stream=None) -> None:
         score = "-" if pd.isna(row.mean) else f"{row.mean:.4f}" + ("" if pd.isna(row.std) else f" ± {row.std:.4f}")
         folds = " ".join("-" if pd.isna(getattr(row, f"fold{f}")) else f"{getattr(row, f'fold{f}'):.4f}"
                          for f in range(k))
+        gain = "" if pd.isna(getattr(row, "gain", np.nan)) else f"  {row.gain:+.4f} vs r{_round_of(row.start)}"
         print(f"{rank:>3}. {row.model:<{width}}  {score:<17}  folds {folds}  best epochs {row.best_epochs}  "
-              f"{row.state}  [{row.model_id}]", file=stream)
+              f"{row.state}{gain}  [{row.model_id}]", file=stream)
     print(f"Wrote {where}", file=stream)

@@ -245,6 +245,43 @@ STAGE = {
     "lr_scale": Rule(1.0, _positive),
     "augment": Rule(None, _optional(_view_spec("augment"))),  # null: data.augment
     "preprocess": Rule(None, _optional(_view_spec("preprocess"))),  # null: data.preprocess
+    "image_size": Rule(None, _optional(_number(int, 8))),  # null: params.image_size (progressive resizing)
+}
+
+
+class MaybeSection(dict):
+    """A section that may be left out (null): off unless given, every default filled when given."""
+
+
+def _init(value):
+    if value in ("scratch", "previous") or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError("'scratch', 'previous' or the number of an earlier round (the base space is round 1)")
+
+
+# A round (rounds[i] is round i + 2): the same models (backbone x param set) trained again on the same folds.
+ROUND = {
+    "manifest": Rule(None, _optional(_string)),  # null: data.manifest; new rows get folds, old rows keep theirs
+    "init": Rule("scratch", _init),  # previous: each fold model starts from the earlier round's same fold
+    "epochs": Rule(None, _optional(_number(int, 1))),  # one stage of these (null: the base space's epochs)
+    "lr_scale": Rule(1.0, _positive),
+    "augment": Rule(None, _optional(_view_spec("augment"))),
+    "image_size": Rule(None, _optional(_number(int, 8))),
+    "stages": [STAGE],  # or stages of their own (then not epochs / lr_scale / augment / image_size)
+    "pseudo": MaybeSection({
+        "from": Rule("test", _string),  # test (data.test_manifest) or a manifest of unlabelled images
+        "labels": Rule("soft", _one_of("soft", "hard")),
+        "min_confidence": Rule(0.0, _number(float, 0, 1)),  # a row's top probability (multilabel: least sure label)
+        "temperature": Rule(1.0, _positive),  # < 1 sharpens the soft labels
+        "max_per_class": Rule(None, _optional(_number(int, 1))),  # the most confident rows of each predicted class
+        "weight": Rule(1.0, _positive),  # a pseudo row's weight in the loss (a labelled row's is 1)
+    }),
+    "hard_examples": MaybeSection({  # fine-tune on the training rows the previous round's fold model predicts worst
+        "top": Rule(0.2, _number(float, 0, 1, lo_open=True)),
+        "augment": Rule(None, _optional(_view_spec("augment"))),  # null: the round's (or data's) augment
+        "epochs": Rule(2, _number(int, 1)),
+        "lr_scale": Rule(0.1, _positive),
+    }),
 }
 # A dict is a section, a one-item list a list of sections, a Rule one value.
 SCHEMA = {
@@ -276,6 +313,7 @@ SCHEMA = {
     "search": {key: Rule(OMIT, _domain(key, rule.check)) for key, rule in PARAMS.items()},
     "epochs": Rule(None, _optional(_number(int, 1))),  # resolved: the stages' sum (10 without stages)
     "stages": [STAGE],
+    "rounds": [ROUND],
     "metric": Rule(None, _optional(_one_of(*(m for m in METRICS if METRICS[m].tasks)))),
     "mode": Rule(None, _optional(_one_of("min", "max"))),
     "scheduler": {"type": Rule("none", _one_of("none", "asha")), "grace_period": Rule(1, _number(int, 1)),
@@ -312,7 +350,9 @@ def _walk(schema: dict, given: Any, path: str, file: str) -> dict:
     out = {}
     for key, rule in schema.items():
         here, value = f"{path}.{key}" if path else key, given.get(key)
-        if isinstance(rule, dict):
+        if isinstance(rule, MaybeSection):
+            out[key] = None if value is None else _walk(rule, value, here, file)
+        elif isinstance(rule, dict):
             out[key] = _walk(rule, value, here, file)
         elif isinstance(rule, list):
             if value is not None and not (isinstance(value, list) and value):

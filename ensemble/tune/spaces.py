@@ -18,6 +18,7 @@ import functools
 import hashlib
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,8 @@ SIGNIFICANT_DIGITS = 4  # sampled floats are rounded, so ids and logs stay reada
 REPO_SPACES = Path(ensemble.__file__).resolve().parent.parent / "tune_spaces"
 # Keys a resumed run may change: they decide where folds run, never what they compute.
 UNCHECKED = ("description", "resources", "max_concurrent")
+# Keys a resumed run may grow: they add models, while the run's models keep their ids (check_frozen).
+GROWABLE = ("backbones", "search", "num_samples", "rounds", "weights")
 
 
 
@@ -92,7 +95,7 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         fail("'params.pos_weight' is for multilabel targets (data.target.form: tags); set it to null.")
 
     stages = raw["stages"] or [{"epochs": raw["epochs"] or 10, "freeze": False, "lr_scale": 1.0,
-                                "augment": None, "preprocess": None}]
+                                "augment": None, "preprocess": None, "image_size": None}]
     total = sum(stage["epochs"] for stage in stages)
     if raw["epochs"] not in (None, total):
         fail(f"'epochs' is {raw['epochs']} but the stages add up to {total}; drop 'epochs'.")
@@ -100,6 +103,7 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         for key in ("augment", "preprocess"):
             stage[key] = stage[key] or data[key]
     raw["stages"], raw["epochs"] = stages, total
+    raw["rounds"] = [_resolve_round(r, item, raw, folder, fail) for r, item in enumerate(raw["rounds"] or [], 2)] or None
 
     metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
     if metric not in task_metrics(task):
@@ -113,6 +117,45 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     if raw["scheduler"]["type"] == "asha" and raw["scheduler"]["grace_period"] > total:
         fail(f"'scheduler.grace_period' {raw['scheduler']['grace_period']} is more than the {total} epochs.")
     return raw
+
+
+def _resolve_round(r: int, item: dict, raw: dict, folder: Path, fail: Callable) -> dict:
+    """rounds[r - 2]: its stages filled in (like the base space's), its paths resolved, its init checked."""
+    where, data = f"rounds[{r - 2}]", raw["data"]
+    if raw["task"] == "retrieval":
+        fail(f"'{where}': rounds are for classification spaces; a retrieval space trains its models once.")
+    init, hard = item["init"], item["hard_examples"]
+    if isinstance(init, int) and init >= r:
+        fail(f"'{where}.init': {init} is not an earlier round; this is round {r} (the base space is round 1).")
+    if hard and init == "scratch":
+        fail(f"'{where}': hard_examples fine-tune the earlier round's fold models; set init: previous (or a round).")
+    one_stage = {"epochs": item["epochs"], "lr_scale": item["lr_scale"], "augment": item["augment"],
+                 "image_size": item["image_size"]}
+    if item["stages"] and any(v not in (None, 1.0) for v in one_stage.values()):
+        fail(f"'{where}': give 'stages' or epochs / lr_scale / augment / image_size, not both; a stage has these keys.")
+    if hard:
+        one_stage = {"epochs": hard["epochs"], "lr_scale": hard["lr_scale"],
+                     "augment": hard["augment"] or item["augment"], "image_size": item["image_size"]}
+    stages = item["stages"] if item["stages"] and not hard else \
+        [dict(one_stage, epochs=one_stage["epochs"] or raw["epochs"], freeze=False, preprocess=None)]
+    for stage in stages:
+        for key in ("augment", "preprocess"):
+            stage[key] = stage[key] or data[key]
+    pseudo = item["pseudo"]
+    if pseudo:
+        if pseudo["from"] == "test" and not data["test_manifest"]:
+            fail(f"'{where}.pseudo.from': test, but the space has no data.test_manifest; set one, or give a manifest "
+                 "of unlabelled images.")
+        if pseudo["from"] != "test":
+            pseudo["from"] = _resolve_path(pseudo["from"], f"{where}.pseudo.from", folder, fail)
+    manifest = _resolve_path(item["manifest"], f"{where}.manifest", folder, fail)
+    return {"manifest": manifest, "init": init, "stages": stages, "epochs": sum(s["epochs"] for s in stages),
+            "pseudo": pseudo, "hard_examples": hard}
+
+
+def parent_round(r: int, init) -> int:
+    """The round whose fold models a round-r model starts from (init) and takes pseudo-labels from."""
+    return init if isinstance(init, int) else r - 1
 
 
 def _resolve_task(task: str | None, data: dict, fail: Callable) -> str:
@@ -216,7 +259,8 @@ class Space:
     params: Section  # every param not in `search`, defaults filled
     search: Section  # searched param -> {domain: args}
     epochs: int  # the stages' sum
-    stages: list[Section]  # epochs, freeze, lr_scale, augment, preprocess: always at least one
+    stages: list[Section]  # epochs, freeze, lr_scale, augment, preprocess, image_size: always at least one
+    rounds: list[Section] | None  # round 2, 3, ...: manifest, init, stages, epochs, pseudo, hard_examples
     metric: str
     mode: str
     scheduler: Section  # type, grace_period, reduction_factor
@@ -306,6 +350,12 @@ class ModelSpec:
     backbone: str
     params: dict  # space.params + this model's searched values
     searched: dict = field(default_factory=dict)  # the searched values alone
+    round: int = 1  # the base space is round 1; rounds[i] is round i + 2
+
+
+def round_id(base_id: str, r: int) -> str:
+    """A round's model: its round-1 model's id with the round appended (round 1 keeps the bare id)."""
+    return base_id if r == 1 else f"{base_id}-r{r}"
 
 
 def model_id(backbone: str, params: dict) -> str:
@@ -349,7 +399,7 @@ def resolve_models(space: Space) -> list[ModelSpec]:
     As in Ray Tune with `grid_search` and `num_samples`, each backbone gets
     num_samples x (grid combinations) models and each draws its own sampled
     values once, from `space.seed`. A repeated param set (a `choice` drawn
-    twice) is kept once.
+    twice) is kept once. Each round adds one model per base model (`round_id`).
     """
     search = space.search
     grid_keys = sorted(k for k, domain in search.items() if "grid" in domain)
@@ -368,7 +418,9 @@ def resolve_models(space: Space) -> list[ModelSpec]:
             params = {**space.raw["params"], **searched}
             key = model_id(backbone, params)
             models.setdefault(key, ModelSpec(key, backbone, params, searched))
-    return list(models.values())
+    base = list(models.values())
+    return base + [ModelSpec(round_id(m.model_id, r), m.backbone, m.params, m.searched, r)
+                   for r in range(2, 2 + len(space.rounds or [])) for m in base]
 
 
 @functools.lru_cache(maxsize=None)
@@ -388,6 +440,9 @@ def apply_smoke(space: Space) -> Space:
     raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])  # search's are dropped
     raw["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in raw["stages"][:2]]
     raw["epochs"] = sum(stage["epochs"] for stage in raw["stages"])
+    for item in raw["rounds"] or []:
+        item["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in item["stages"][:2]]
+        item["epochs"] = sum(stage["epochs"] for stage in item["stages"])
     raw["scheduler"]["grace_period"] = min(raw["scheduler"]["grace_period"], raw["epochs"])
     raw["folds"]["k"], raw["num_samples"] = min(raw["folds"]["k"], 3), 1
     raw["search"] = {k: {"grid": d["grid"][:1]} if "grid" in d else d
@@ -410,13 +465,20 @@ def with_resources(space: Space, *, cpu: float | None = None, gpu: float | None 
 # --------------------------------------------------------------------------- freezing
 
 
-def freeze_space(space: Space, run_dir: Path) -> None:
-    """Write run_dir/space.yaml (the resolved space) atomically, unless it exists."""
+def freeze_space(space: Space, run_dir: Path, grown: list[str] | None = None) -> None:
+    """Write run_dir/space.yaml (the resolved space) atomically, unless it exists; `grown` (what
+    `check_frozen` returned) rewrites it as the grown space, with a history line of what was added."""
     target = Path(run_dir) / "space.yaml"
-    if not target.exists():
-        header = (f"# Space {space.name!r} ({space.path}), resolved and frozen at this run's first launch.\n"
-                  "# A resumed run must use the same space (the description aside). This file loads as a space.\n")
-        write_text(header + yaml.safe_dump(space.raw, sort_keys=False), target)
+    if target.exists() and not grown:
+        return
+    header = (f"# Space {space.name!r} ({space.path}), resolved and frozen at this run's first launch.\n"
+              "# A resumed run must use the same space (the description aside), or grow it: added backbones,\n"
+              "# grid/choice values, samples and rounds (docs/design.md). This file loads as a space.\n")
+    if target.exists():
+        old = [line for line in target.read_text().splitlines(keepends=True) if line.startswith("# ")]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        header = "".join(old) + f"# grown {stamp} from {space.path}: {'; '.join(grown)}\n"
+    write_text(header + yaml.safe_dump(space.raw, sort_keys=False), target)
 
 
 def _diff(old: Any, new: Any, path: str = ""):
@@ -438,22 +500,64 @@ def _fmt(value: Any) -> str:
     return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
-def check_frozen(space: Space, run_dir: Path) -> None:
-    """Raise a UserError naming every changed key when run_dir/space.yaml differs from `space`."""
-    frozen_path = Path(run_dir) / "space.yaml"
-    if not frozen_path.exists():
-        return
+def _change(key: str, old: Any, new: Any) -> str:
+    """'key: old -> new', or 'key: +[added]' for a list that grew at its end ('rounds: +1 round')."""
+    if isinstance(old, list) and isinstance(new, list) and len(new) > len(old) and new[:len(old)] == old:
+        added = new[len(old):]
+        return f"{key}: +{len(added)} round(s)" if key == "rounds" else f"{key}: +{_fmt(added)}"
+    if key == "rounds" and not old and new:
+        return f"rounds: +{len(new)} round(s)"
+    return f"{key}: {_fmt(old)} -> {_fmt(new)}"
+
+
+def _read_frozen(path: Path) -> dict:
     try:
-        frozen = yaml.safe_load(frozen_path.read_text())
+        frozen = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"{frozen_path}: the frozen space cannot be read ({e}); use a new --name.") from None
-    if isinstance(frozen, dict) and "task" not in frozen:  # frozen before spaces had 'task' and the retrieval sets
-        frozen["task"] = "multilabel" if (frozen.get("data") or {}).get("target", {}).get("form") == "tags" else "multiclass"
+        raise UserError(f"{path}: the frozen space cannot be read ({e}); use a new --name.") from None
+    if isinstance(frozen, dict):  # keys added since: a run frozen before them has their defaults
+        if "task" not in frozen:
+            frozen["task"] = "multilabel" if (frozen.get("data") or {}).get("target", {}).get("form") == "tags" \
+                else "multiclass"
         for key in ("query_manifest", "gallery_manifest"):
             (frozen.get("data") or {}).setdefault(key, None)
-    changes = [f"{key}: {_fmt(old)} -> {_fmt(new)}" for key, old, new in _diff(frozen, space.raw)
-               if key.split(".")[0] not in UNCHECKED]
-    if changes:
-        raise UserError(f"{frozen_path}: this run started with a different space than {space.name!r} is now; "
-                        f"changed: {'; '.join(changes)}. A run keeps its space: use a new --name, "
-                        "or restore the old space file.")
+        frozen.setdefault("rounds", None)
+        for stage in frozen.get("stages") or []:
+            stage.setdefault("image_size", None)
+    return frozen
+
+
+def check_frozen(space: Space, run_dir: Path) -> list[str]:
+    """What `space` adds to the run's frozen space.yaml (empty when equal); raise a UserError naming
+    every changed key when it changes anything else.
+
+    A run grows, it never changes: added backbones, grid/choice values, samples and rounds
+    train on the same folds, while every model the run already has keeps its id and files."""
+    frozen_path = Path(run_dir) / "space.yaml"
+    if not frozen_path.exists():
+        return []
+    frozen = _read_frozen(frozen_path)
+    changes = [(key, _change(key, old, new)) for key, old, new in _diff(frozen, space.raw)
+               if key.split(".")[0].split("[")[0] not in UNCHECKED]
+    fixed = [text for key, text in changes if key.split(".")[0].split("[")[0] not in GROWABLE]
+    fail = f"{frozen_path}: this run started with a different space than {space.name!r} is now; changed: "
+    keep = ("A run keeps its space (it may only grow: added backbones, grid/choice values, samples, rounds): "
+            "use a new --name, or restore the old space file.")
+    if fixed:
+        raise UserError(f"{fail}{'; '.join(text for _, text in changes)}. {keep}")
+    grown = [text for _, text in changes]
+    if not grown:
+        return []
+    old_rounds, new_rounds = frozen.get("rounds") or [], space.raw["rounds"] or []
+    if new_rounds[:len(old_rounds)] != old_rounds:
+        i = next(i for i, (a, b) in enumerate(zip(old_rounds + [None], new_rounds + [None])) if a != b)
+        raise UserError(f"{fail}rounds[{i}]. Rounds may be added after the last one, never changed or removed. {keep}")
+    for backbone, path in (frozen.get("weights") or {}).items():
+        if space.raw["weights"].get(backbone) != path:
+            raise UserError(f"{fail}weights.{backbone}: {_fmt(path)} -> {_fmt(space.raw['weights'].get(backbone))}. {keep}")
+    new_ids = {m.model_id for m in resolve_models(space)}
+    lost = [m.model_id for m in resolve_models(_space(space.name, frozen_path, frozen)) if m.model_id not in new_ids]
+    if lost:
+        raise UserError(f"{fail}{'; '.join(grown)}, which would change or drop {len(lost)} of its models "
+                        f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}). {keep}")
+    return grown

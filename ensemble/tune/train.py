@@ -23,6 +23,7 @@ held-out fold, whose identities it never saw: every held-out image queries the r
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from ensemble.data.manifest import Target, encode_targets, read_manifest
 from ensemble.io import atomic_path, write_json, write_parquet
 from ensemble.metrics import METRICS, is_better, task_metrics
 from ensemble.models import create_embedding_model, create_model, frozen_bn_eval, set_backbone_frozen
-from ensemble.run import Run, stage_of, total_epochs
+from ensemble.run import Run, stage_of, stage_size, total_epochs
 
 
 @dataclass
@@ -58,6 +59,35 @@ class FoldResult:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def pseudo_labels(logits: np.ndarray, task: str, pseudo: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept, their targets) from an earlier model's logits, per the round's `pseudo` settings.
+
+    Temperature divides the logits (< 1 sharpens); a row's confidence is its top probability
+    (multilabel: that of its least sure label); rows below min_confidence, unreadable rows (NaN)
+    and, with max_per_class, all but the most confident rows of each predicted class are dropped;
+    hard labels are the argmax one-hot (multilabel: p > 0.5)."""
+    z = torch.as_tensor(logits, dtype=torch.float64) / pseudo["temperature"]
+    if task == "multilabel":
+        proba = torch.sigmoid(z).numpy()
+        confidence = np.maximum(proba, 1 - proba).min(1)
+        hard = (proba > 0.5).astype(np.float32)
+    else:
+        proba = torch.softmax(z, -1).numpy()
+        confidence = proba.max(1)
+        hard = np.eye(proba.shape[1], dtype=np.float32)[np.nan_to_num(proba, nan=0).argmax(1)]
+    keep = ~np.isnan(confidence) & (confidence >= pseudo["min_confidence"])
+    if pseudo.get("max_per_class"):
+        label = hard.argmax(1)
+        order = np.lexsort((np.arange(len(confidence)), -np.nan_to_num(confidence, nan=-1)))  # most confident first
+        taken = np.zeros(len(keep), bool)
+        for c in np.unique(label[keep]):
+            taken[[i for i in order if keep[i] and label[i] == c][: pseudo["max_per_class"]]] = True
+        keep = taken
+    rows = np.flatnonzero(keep)
+    targets = hard if pseudo["labels"] == "hard" else proba.astype(np.float32)
+    return rows, targets[rows]
 
 
 class FoldTrainer:
@@ -85,6 +115,13 @@ class FoldTrainer:
         else:
             self.model = create_model(config["backbone"], len(config["classes"]), **kwargs)
         self.model.to(self.device)
+        self.w_train = None  # per-row loss weights, when pseudo-labelled rows train too
+        if config.get("init_from"):  # a round's model: this fold's model of the earlier round (never another fold's)
+            self.model.load_state_dict(self._parent_weights(config["init_from"]))
+        if config.get("hard_examples"):
+            self._keep_hard_examples()
+        if config.get("pseudo"):
+            self._add_pseudo_rows()
         self._soft_ce = timm.loss.SoftTargetCrossEntropy()
         self.epoch, self.history, self.best = 0, [], None
         self._stage_index = None
@@ -99,6 +136,7 @@ class FoldTrainer:
         manifest = read_manifest(data["manifest"], data["root"], target=target, classes=self.config["classes"],
                                  check_images="none")
         folds = pd.read_csv(self.run.folds_file, dtype={"id": str})
+        folds = folds[folds["id"].isin(manifest.frame["id"])]  # a round's manifest may hold other rows
         frame = manifest.frame.set_index("id").loc[folds["id"]].reset_index()
         paths = [str(Path(data["root"]) / p) for p in frame["image"]]
         is_valid = folds["fold"].to_numpy() == self.fold
@@ -115,7 +153,7 @@ class FoldTrainer:
         self.mean, self.std = data["normalize"]["mean"], data["normalize"]["std"]
 
     def _dataset(self, rows: np.ndarray, y, stage: dict, train: bool) -> ImageDataset:
-        data, size = self.config["data"], self.params["image_size"]
+        data, size = self.config["data"], stage_size(self.config, stage)
         preprocess = stage.get("preprocess", data["preprocess"])
         cache = None
         if data.get("cache", True):  # keyed by all of folds.csv's images: shared by every fold and model
@@ -141,6 +179,17 @@ class FoldTrainer:
         # Soft targets (FashionAI's 'maybe') and one-hot alike: cross-entropy against the target rows.
         return self._soft_ce(logits, y)
 
+    def _weighted_loss(self, logits: torch.Tensor, y: torch.Tensor, weight: np.ndarray) -> torch.Tensor:
+        w = torch.as_tensor(weight, dtype=torch.float32, device=logits.device)
+        if self.config["task"] == "multilabel":
+            rows = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y, pos_weight=self._pos_weight, reduction="none").mean(-1)
+        else:
+            smoothing = self.params["label_smoothing"]
+            y = y * (1 - smoothing) + smoothing / y.shape[1] if smoothing else y
+            rows = -(y * torch.log_softmax(logits.float(), -1)).sum(-1)
+        return (rows * w).sum() / w.sum()
+
     @property
     def _pos_weight(self) -> torch.Tensor | None:
         if self.params.get("pos_weight") != "auto":
@@ -161,6 +210,82 @@ class FoldTrainer:
                 self.optimizer, sched=self.params["scheduler"], num_epochs=stage["epochs"],
                 warmup_epochs=min(self.params["warmup_epochs"], max(stage["epochs"] - 1, 0)))
         self._stage_index = index
+
+    # ----------------------------------------------------------------- rounds
+
+    def _parent_weights(self, model_id: str) -> dict:
+        """This fold's best weights in an earlier round's model (never another fold's: that would leak)."""
+        path = self.run.fold_dir(model_id, self.fold) / "weights.pt"
+        metrics = self.run.read_metrics(model_id, self.fold) or {}
+        if not (path.exists() and metrics.get("complete")):
+            raise RuntimeError(f"{self.config['model_id']} fold {self.fold} starts from {model_id} fold {self.fold}, "
+                               f"which is not complete{'' if path.exists() else ' (no weights.pt: pruned?)'}")
+        return torch.load(path, map_location=self.device, weights_only=True)
+
+    def _predict_logits(self, model, paths: list[str], config: dict) -> np.ndarray:
+        """Logits of `paths` by `model` (an earlier round's), plain view at that model's last stage (NaN: unreadable)."""
+        stage = config["stages"][-1]
+        dataset = ImageDataset(paths, None, stage_size(config, stage), preprocess=stage.get("preprocess"),
+                               on_bad_image="skip")
+        out = np.full((len(paths), len(config["classes"])), np.nan, np.float32)
+        model.eval()
+        with torch.no_grad():
+            for x, _, index, _ in create_loader(dataset, self.params["batch_size"] * 2, cpus=self.cpus):
+                if x is not None:
+                    out[index.numpy()] = model(normalize_batch(x.to(self.device), self.mean, self.std)).float().cpu()
+        return out
+
+    def _keep_hard_examples(self) -> None:
+        """Train on the training rows the earlier round's fold model (this model's start) predicts worst.
+
+        Chosen once, from the start weights, and kept in the fold's hard_examples.json: a resumed
+        fold fine-tunes on the same rows."""
+        path = self.dir / "hard_examples.json"
+        if not path.exists():
+            logits = torch.as_tensor(self._predict_logits(self.model, [self.paths[i] for i in self.train_rows],
+                                                          self.config))
+            y = torch.as_tensor(self.y_train, dtype=torch.float32)
+            if self.config["task"] == "multilabel":
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)
+            else:
+                loss = -(y * torch.log_softmax(logits, -1)).sum(-1)
+            n = max(1, round(self.config["hard_examples"]["top"] * len(loss)))
+            worst = np.sort(np.argsort(-np.nan_to_num(loss.numpy(), nan=-np.inf), kind="stable")[:n])
+            write_json({"from": self.config["init_from"], "top": self.config["hard_examples"]["top"],
+                        "ids": [self.train_ids[i] for i in worst]}, path)
+        keep = np.isin(self.train_ids, json.loads(path.read_text())["ids"])
+        self.train_rows, self.y_train = self.train_rows[keep], self.y_train[keep]
+        self.train_ids = [i for i, k in zip(self.train_ids, keep) if k]
+
+    def _add_pseudo_rows(self) -> None:
+        """Pseudo-labelled rows from the earlier round's model of *this fold* (`pseudo_labels`).
+
+        Fold k's model never saw fold k's labels, so neither do its pseudo-labels: the held-out
+        fold stays honest. Made once and kept in the fold's pseudo.parquet (resume reads it). The
+        source's images join `paths` whole (one decoded cache for every fold); the kept ones train."""
+        pseudo = self.config["pseudo"]
+        source = read_manifest(pseudo["manifest"], self.config["data"]["root"], require_target=False,
+                               check_images="none")  # relative to the space's root, as predict reads it
+        paths = source.image_paths
+        path = self.dir / "pseudo.parquet"
+        if not path.exists():
+            parent_config = self.run.read_config(pseudo["model"])
+            model = create_model(parent_config["backbone"], len(self.config["classes"]), pretrained=False)
+            model.load_state_dict(self._parent_weights(pseudo["model"]))
+            logits = self._predict_logits(model.to(self.device), paths, parent_config)
+            rows, targets = pseudo_labels(logits, self.config["task"], pseudo)
+            frame = pd.DataFrame(targets, columns=self.config["classes"])
+            frame.insert(0, "row", rows)
+            frame.insert(0, "id", source.frame["id"].to_numpy()[rows])
+            write_parquet(frame, path)
+        frame = pd.read_parquet(path)
+        start = len(self.paths)
+        self.paths = self.paths + [str(p) for p in paths]
+        self.train_rows = np.concatenate([self.train_rows, start + frame["row"].to_numpy()])
+        self.y_train = np.concatenate([self.y_train, frame[self.config["classes"]].to_numpy(np.float32)])
+        self.train_ids = self.train_ids + [f"pseudo:{i}" for i in frame["id"]]
+        self.w_train = np.ones(len(self.train_rows), np.float32)
+        self.w_train[len(self.train_rows) - len(frame):] = pseudo["weight"]
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -222,13 +347,17 @@ class FoldTrainer:
         self.model.train()
         frozen_bn_eval(self.model)
         total, count = 0.0, 0
-        for x, y, _, skipped in loader:
+        for x, y, index, skipped in loader:
             self.skipped_ids.update(self.train_ids[i] for i in skipped)
             if x is None:
                 continue
             x, y = normalize_batch(x.to(self.device), self.mean, self.std), y.to(self.device)
             with torch.autocast(self.device.type, enabled=use_amp):
-                loss = self._loss(self._forward(x, y), y)
+                logits = self._forward(x, y)
+                if self.w_train is None:
+                    loss = self._loss(logits, y)
+                else:  # pseudo-labelled rows weigh pseudo.weight, labelled rows 1
+                    loss = self._weighted_loss(logits, y, self.w_train[index.numpy()])
             self.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(self.optimizer)

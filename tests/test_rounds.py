@@ -1,0 +1,270 @@
+"""Growing a run: added models and rounds on the same folds, warm starts, fold-safe pseudo-labels, hard examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sweep_fixtures import oof, small_space
+from test_spaces import load, load_error
+
+from ensemble.errors import UserError
+from ensemble.models import create_model
+from ensemble.run import Run
+from ensemble.tune import launch, spaces
+from ensemble.tune.spaces import check_frozen, freeze_space, load_space, resolve_models
+from ensemble.tune.train import FoldTrainer, pseudo_labels, train_fold
+
+REPO = Path(__file__).resolve().parent.parent
+ROUND = {"init": "previous", "epochs": 1}
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def test_rounds_resolve_to_one_model_per_base_model_and_round(tmp_path):
+    space = load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}, "data": {"test_manifest": "demo:test"},
+                            "rounds": [dict(ROUND, pseudo={"from": "test"}), {"init": 1, "stages": [{"epochs": 2}]}]})
+    base = resolve_models(load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}}))
+    models = resolve_models(space)
+    assert [m.model_id for m in models[:2]] == [m.model_id for m in base]  # round 1 keeps the ids it had
+    assert [m.model_id for m in models[2:]] == [f"{m.model_id}-r{r}" for r in (2, 3) for m in base]
+    assert [m.round for m in models] == [1, 1, 2, 2, 3, 3]
+    first, second = space.rounds
+    assert first.stages[0].epochs == 1 and first.pseudo == {"from": "test", "labels": "soft", "min_confidence": 0.0,
+                                                            "temperature": 1.0, "max_per_class": None, "weight": 1.0}
+    assert second.epochs == 2 and second.pseudo is None and second.hard_examples is None
+
+
+@pytest.mark.parametrize("rounds,says", [
+    ([{"init": 2}], "'rounds[0].init': 2 is not an earlier round; this is round 2"),
+    ([{"hard_examples": {"top": 0.2}}], "hard_examples fine-tune the earlier round's fold models; set init"),
+    ([{"pseudo": {"from": "test"}}], "'rounds[0].pseudo.from': test, but the space has no data.test_manifest"),
+    ([{"epochs": 2, "stages": [{"epochs": 1}]}], "give 'stages' or epochs / lr_scale / augment / image_size, not both"),
+    ([{"init": "warm"}], "'rounds[0].init' must be 'scratch', 'previous' or the number of an earlier round"),
+    ([{"pseudo": {"labels": "fuzzy"}}], "'rounds[0].pseudo.labels' must be one of ['soft', 'hard']"),
+])
+def test_bad_rounds_are_named(tmp_path, rounds, says):
+    assert says in load_error(tmp_path, {"rounds": rounds})
+
+
+def test_a_retrieval_space_has_no_rounds(tmp_path):
+    base = {"task": "retrieval", "data": {"manifest": "demo:retrieval"}, "backbones": ["test_resnet"]}
+    assert "rounds are for classification spaces" in load_error(tmp_path, {"rounds": [ROUND]}, base=base)
+
+
+# --------------------------------------------------------------------------- growing
+
+
+def test_a_run_grows_by_backbones_values_samples_and_rounds(tmp_path):
+    run = tmp_path / "run"
+    freeze_space(load(tmp_path, {"search": {"lr": {"grid": [0.1]}}}, name="a"), run)
+    grown = load(tmp_path, {"backbones": ["test_resnet", "test_efficientnet"], "search": {"lr": {"grid": [0.1, 0.01]}},
+                            "rounds": [ROUND]}, name="a")
+    assert check_frozen(grown, run) == ["backbones: +['test_efficientnet']", "search.lr.grid: +[0.01]",
+                                        "rounds: +1 round(s)"]
+    freeze_space(grown, run, check_frozen(grown, run))
+    text = (run / "space.yaml").read_text()
+    assert "# grown " in text and "backbones: +['test_efficientnet']; search.lr.grid: +[0.01]" in text
+    assert load_space(str(run / "space.yaml")).raw == grown.raw and check_frozen(grown, run) == []
+
+
+@pytest.mark.parametrize("changes,says", [
+    ({"backbones": ["test_efficientnet"]}, "which would change or drop 4 of its models (test_resnet-"),
+    ({"search": {"lr": {"grid": [0.01, 0.1]}}, "backbones": ["test_resnet"]}, None),  # reordered: same models
+    ({"params": {"batch_size": 8}}, "params.batch_size: 32 -> 8"),
+    ({"rounds": [{"init": "previous", "epochs": 3}]}, "changed: rounds[0]. Rounds may be added after the last one"),
+])
+def test_growing_never_changes_a_model_the_run_has(tmp_path, changes, says):
+    run = tmp_path / "run"
+    freeze_space(load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}, "rounds": [ROUND]}, name="a"), run)
+    changed = load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}, "rounds": [ROUND], **changes}, name="a")
+    if says is None:
+        assert check_frozen(changed, run)  # grown nothing, only reordered: allowed, no model changes
+        return
+    with pytest.raises(UserError, match="A run keeps its space") as info:
+        check_frozen(changed, run)
+    assert says in str(info.value)
+
+
+def test_a_round_manifest_adds_rows_that_get_folds_once(tmp_path, demo_dir):
+    path = small_space(tmp_path, demo_dir, rows=60, epochs=1)
+    stage2 = tmp_path / "stage2.csv"  # the first 40 rows again and 40 new ones
+    pd.read_csv(demo_dir / "multiclass.csv").iloc[20:100].to_csv(stage2, index=False)
+    doc = yaml.safe_load(path.read_text())
+    doc["rounds"] = [{"manifest": str(stage2), "epochs": 1}]
+    path.write_text(yaml.safe_dump(doc))
+    launch.prepare_run(load_space(str(path)), tmp_path / "run")
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str})
+    first = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str}).head(60)
+    assert len(folds) == 100 and folds["id"].is_unique and folds.head(60).equals(first)
+    assert folds.tail(40)["fold"].value_counts().to_dict() == {0: 20, 1: 20}  # the new rows, stratified
+    config = Run(tmp_path / "run").read_config(resolve_models(load_space(str(path)))[1].model_id)
+    assert config["data"]["manifest"] == str(stage2) and config["round"] == 2 and config["init_from"] is None
+    trainer = FoldTrainer(config, 0, tmp_path / "run")  # it trains on its own manifest's rows only
+    assert len(trainer.train_ids) + len(trainer.valid_ids) == 80
+
+
+# --------------------------------------------------------------------------- pseudo-labels
+
+
+def test_pseudo_labels_follow_their_settings():
+    logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [np.nan, np.nan]]))
+    settings = {"temperature": 1.0, "min_confidence": 0.0, "max_per_class": None, "labels": "soft"}
+    rows, targets = pseudo_labels(logits, "multiclass", settings)
+    assert rows.tolist() == [0, 1, 2, 3] and np.allclose(targets, np.exp(logits[:4]))  # the unreadable row is out
+    rows, targets = pseudo_labels(logits, "multiclass", dict(settings, min_confidence=0.65, labels="hard"))
+    assert rows.tolist() == [0, 2, 3] and targets.tolist() == [[1, 0], [0, 1], [0, 1]]
+    rows, _ = pseudo_labels(logits, "multiclass", dict(settings, max_per_class=1))
+    assert rows.tolist() == [0, 2]  # the most confident row of each predicted class
+    rows, targets = pseudo_labels(logits, "multiclass", dict(settings, temperature=0.5))
+    assert np.allclose(targets[0], [0.81 / 0.82, 0.01 / 0.82])  # sharper: p^2, renormalised
+    rows, targets = pseudo_labels(np.array([[3.0, -3.0], [0.1, 4.0]]), "multilabel", dict(settings, min_confidence=0.9))
+    assert rows.tolist() == [0] and np.allclose(targets, [[1 / (1 + np.exp(-3)), 1 / (1 + np.exp(3))]])
+
+
+def _accuracy(run_dir: Path, model_id: str, fold: int, manifest: Path) -> float:
+    frame = pd.read_parquet(run_dir / "models" / model_id / f"fold{fold}" / "oof.parquet")
+    truth = pd.read_csv(manifest, dtype={"id": str}).set_index("id")["label"]
+    classes = [c for c in frame.columns if c not in ("id", "fold")]
+    return float((np.array(classes)[frame[classes].to_numpy().argmax(1)] == truth.loc[frame["id"]].to_numpy()).mean())
+
+
+@pytest.mark.slow
+def test_fold_safe_pseudo_labels_keep_a_shuffled_fold_at_chance_while_ensemble_ones_leak(tmp_path, demo_dir):
+    """Fold 0's labels are shuffled (nothing in its images predicts them) and the 'test set' is fold 0's
+    images again. The fold-1 and fold-2 models of round 1 learn fold 0's shuffled labels; pseudo-labels
+    from the all-folds ensemble carry them into round 2's fold-0 model, whose CV then reads far above
+    chance. The fold-safe pseudo-labels come from round 1's fold-0 model, which never saw them."""
+    path = small_space(tmp_path, demo_dir, rows=300, epochs=20, folds={"k": 3, "strategy": "kfold", "seed": 0},
+                       params={"lr": 1e-2, "batch_size": 25, "image_size": 16, "scheduler": "none"})
+    doc = yaml.safe_load(path.read_text())
+    doc["data"].update(augment="orig", normalize={"mean": [0.1, 0.1, 0.1], "std": [0.3, 0.3, 0.3]})
+    doc["metric"] = "accuracy"  # the best epoch by accuracy: late enough to have learnt the training rows' labels
+    test_csv = tmp_path / "fold0_again.csv"
+    doc["rounds"] = [{"init": "scratch", "epochs": 20, "pseudo": {"from": str(test_csv), "labels": "hard"}}]
+    path.write_text(yaml.safe_dump(doc))
+    pd.DataFrame({"id": ["x"], "image": ["x.png"]}).to_csv(test_csv, index=False)  # filled below, once folds exist
+    safe = tmp_path / "safe"
+    configs = launch.prepare_run(load_space(str(path)), safe)
+    manifest = Path(doc["data"]["manifest"])
+    frame = pd.read_csv(manifest, dtype={"id": str})
+    folds = pd.read_csv(safe / "folds.csv", dtype={"id": str}).set_index("id")["fold"]
+    in_fold0 = (folds.loc[frame["id"]] == 0).to_numpy()
+    rng = np.random.default_rng(0)
+    frame.loc[in_fold0, "label"] = rng.permutation(frame.loc[in_fold0, "label"].to_numpy())  # unlearnable labels
+    frame.to_csv(manifest, index=False)
+    frame[in_fold0].assign(id="t" + frame[in_fold0]["id"]).drop(columns="label").to_csv(test_csv, index=False)
+
+    base, round2 = configs
+    for fold in range(3):
+        train_fold(base, fold, safe)
+    leaky = tmp_path / "leaky"
+    shutil.copytree(safe, leaky)
+    # The leaky variant: round 2's fold-0 pseudo-labels from the mean of all three fold models.
+    test = pd.read_csv(test_csv, dtype={"id": str})
+    trainer = FoldTrainer(base, 0, leaky)
+    mean = 0
+    for fold in range(3):
+        model = create_model(base["backbone"], len(base["classes"]))
+        model.load_state_dict(torch.load(leaky / "models" / base["model_id"] / f"fold{fold}" / "weights.pt"))
+        logits = trainer._predict_logits(model, [str(demo_dir / p) for p in test["image"]], base)
+        mean = mean + torch.softmax(torch.as_tensor(logits), -1).numpy() / 3
+    rows, targets = pseudo_labels(np.log(mean), "multiclass", round2["pseudo"])
+    out = leaky / "models" / round2["model_id"] / "fold0"
+    out.mkdir(parents=True)
+    pd.concat([pd.DataFrame({"id": test["id"][rows], "row": rows}).reset_index(drop=True),
+               pd.DataFrame(targets, columns=base["classes"])], axis=1).to_parquet(out / "pseudo.parquet")
+
+    for run_dir in (safe, leaky):
+        train_fold(round2, 0, run_dir)
+    chance_like = _accuracy(safe, round2["model_id"], 0, manifest)
+    leaked = _accuracy(leaky, round2["model_id"], 0, manifest)
+    fitted = _accuracy(safe, base["model_id"], 1, manifest)  # a round-1 model on its own held-out fold: real digits
+    print(f"fold 0 (shuffled labels) accuracy: fold-safe {chance_like:.2f}, ensemble {leaked:.2f}; fold 1: {fitted:.2f}")
+    assert leaked >= chance_like + 0.3, (leaked, chance_like, fitted)
+    assert chance_like <= 0.35, chance_like
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+def cli(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ensemble.tune", *args], cwd=REPO,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_rounds_resume_after_sigkill_mid_round_two_with_identical_oof(tmp_path, demo_dir, ray_cluster):
+    path = small_space(tmp_path, demo_dir, rows=120, epochs=1)
+    doc = yaml.safe_load(path.read_text())
+    doc["rounds"] = [{"init": "previous", "epochs": 3, "lr_scale": 0.5,
+                      "pseudo": {"from": "test", "min_confidence": 0.2, "max_per_class": 20, "weight": 0.5}}]
+    path.write_text(yaml.safe_dump(doc))
+    storage = tmp_path / "killed"
+    proc = cli("--space", str(path), "--storage", str(storage), "--name", "run", "-v", "0")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # a round-2 fold has finished an epoch, the round has not
+        progress = [json.loads(p.read_text()) for p in storage.glob("run/models/*-r2/fold*/metrics.json")]
+        if any(m["epochs"] >= 1 for m in progress) and not all(m["complete"] for m in progress):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage", str(storage),
+                              "--name", "run", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "1 model(s) already complete, not run again" in resumed.stdout and "r2" in resumed.stdout
+    assert "vs r1" in resumed.stdout  # the leaderboard shows what round 2 did to its model
+
+    straight = tmp_path / "straight" / "run"
+    launch.run_sweep(load_space(str(path)), straight, verbose=0)
+    a, b = oof(storage / "run"), oof(straight)
+    assert len(a) == 2 and a.keys() == b.keys()
+    for model_id in a:
+        pd.testing.assert_frame_equal(a[model_id], b[model_id])
+    for fold in range(2):  # the pseudo rows come from round 1's model of the same fold, and differ per fold
+        pseudo = pd.read_parquet(storage / "run" / "models" / f"{next(iter(a))}" / f"fold{fold}" / "pseudo.parquet") \
+            if False else pd.read_parquet(next((storage / "run" / "models").glob("*-r2")) / f"fold{fold}" / "pseudo.parquet")
+        assert 0 < len(pseudo) <= 200 and pseudo["id"].str.startswith("t").all() is not None
+    board = pd.read_csv(storage / "run" / "leaderboard.csv")
+    assert sorted(board["round"]) == [1, 2] and board["gain"].notna().sum() == 1
+
+
+@pytest.mark.slow
+def test_hard_examples_fine_tune_on_the_worst_training_rows(tmp_path, demo_dir):
+    path = small_space(tmp_path, demo_dir, rows=80, epochs=1)
+    doc = yaml.safe_load(path.read_text())
+    doc["rounds"] = [{"init": "previous", "hard_examples": {"top": 0.25, "epochs": 1}}]
+    path.write_text(yaml.safe_dump(doc))
+    base, hard = launch.prepare_run(load_space(str(path)), tmp_path / "run")
+    train_fold(base, 0, tmp_path / "run")
+    trainer = FoldTrainer(hard, 0, tmp_path / "run")
+    chosen = json.loads((tmp_path / "run" / "models" / hard["model_id"] / "fold0" / "hard_examples.json").read_text())
+    assert chosen["from"] == base["model_id"] and len(chosen["ids"]) == len(trainer.train_ids) == 10
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str}).set_index("id")["fold"]
+    assert (folds.loc[chosen["ids"]] == 1).all()  # training rows of fold 0's model only
+    # Worst: the rows whose loss under the start weights is highest.
+    start = FoldTrainer(base, 0, tmp_path / "run")
+    start.model.load_state_dict(torch.load(tmp_path / "run" / "models" / base["model_id"] / "fold0" / "weights.pt"))
+    logits = torch.as_tensor(start._predict_logits(start.model, [start.paths[i] for i in start.train_rows], base))
+    loss = -(torch.as_tensor(start.y_train) * torch.log_softmax(logits, -1)).sum(-1).numpy()
+    assert set(chosen["ids"]) == {start.train_ids[i] for i in np.argsort(-loss)[:10]}
+    with pytest.raises(RuntimeError, match="fold 1, which is not complete"):
+        FoldTrainer(hard, 1, tmp_path / "run")  # fold 1 of round 1 never trained
+    assert spaces.round_id("m-1234", 3) == "m-1234-r3"
+    with pytest.raises(UserError):
+        load_space(str(tmp_path / "missing.yaml"))
