@@ -24,6 +24,11 @@ EXPECT = {
     "python -m ensemble.predict --run runs/demo_retrieval": "oof_tta digix",
     "python -m ensemble.retrieve --run runs/demo_retrieval": "winner: ",
     "python -m ensemble.report --run runs/mine": "index.html",
+    "python -m ensemble.tune --space demo_plus --name mine --resume": "4 model(s) already complete, not run again",
+    "python -m ensemble.tune --space demo_rounds": "vs r3",
+    "python -m ensemble.predict --run runs/demo_rounds --per-view --embeddings": "predicted 8 model(s)",
+    "python -m ensemble.stack --run runs/demo_rounds": "neighbour smoothing of ",
+    "python -m ensemble.report --run runs/demo_rounds": "index.html",
     "python -m ensemble.status --run runs/mine": "fold-epochs",
     "python -m ensemble.prune --run runs/mine --keep selected --yes": "freed",
     "python -m ensemble.prune --run runs/mine --keep selected": "nothing deleted",
@@ -55,7 +60,8 @@ def test_the_readme_shows_commands_and_each_has_a_check():
 
 
 def small_demo(cwd: Path, demo_dir: Path) -> None:
-    """tune_spaces/demo.yaml: the shipped demo space on 300 training and 200 test digits, 2 epochs."""
+    """tune_spaces/demo.yaml: the shipped demo space on 300 training and 200 test digits, 2 epochs; demo_plus.yaml
+    the same with demo_plus's backbones; demo_rounds.yaml the shipped rounds on the same data, 1 epoch a stage."""
     space = yaml.safe_load((REPO / "tune_spaces" / "demo.yaml").read_text())
     pd.read_csv(demo_dir / "multiclass.csv").head(300).to_csv(cwd / "train.csv", index=False)
     pd.read_csv(demo_dir / "test.csv").head(200).to_csv(cwd / "test.csv", index=False)
@@ -63,6 +69,14 @@ def small_demo(cwd: Path, demo_dir: Path) -> None:
     space["epochs"] = 2
     (cwd / "tune_spaces").mkdir()
     (cwd / "tune_spaces" / "demo.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    plus = dict(space, backbones=yaml.safe_load((REPO / "tune_spaces" / "demo_plus.yaml").read_text())["backbones"])
+    (cwd / "tune_spaces" / "demo_plus.yaml").write_text(yaml.safe_dump(plus, sort_keys=False))
+    rounds = yaml.safe_load((REPO / "tune_spaces" / "demo_rounds.yaml").read_text())
+    rounds["data"] = space["data"]
+    rounds["stages"] = [dict(stage, epochs=1) for stage in rounds["stages"]]
+    for item in rounds["rounds"]:
+        item.get("hard_examples", item)["epochs"] = 1
+    (cwd / "tune_spaces" / "demo_rounds.yaml").write_text(yaml.safe_dump(rounds, sort_keys=False))
 
 
 def small_demo_retrieval(cwd: Path, demo_dir: Path) -> None:

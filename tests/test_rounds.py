@@ -51,12 +51,21 @@ def test_rounds_resolve_to_one_model_per_base_model_and_round(tmp_path):
     ([{"init": 2}], "'rounds[0].init': 2 is not an earlier round; this is round 2"),
     ([{"hard_examples": {"top": 0.2}}], "hard_examples fine-tune the earlier round's fold models; set init"),
     ([{"pseudo": {"from": "test"}}], "'rounds[0].pseudo.from': test, but the space has no data.test_manifest"),
-    ([{"epochs": 2, "stages": [{"epochs": 1}]}], "give 'stages' or epochs / lr_scale / augment / image_size, not both"),
+    ([{"epochs": 1, "stages": [{"epochs": 5}]}], "'rounds[0]': ['epochs'] with stages; keep one"),
+    ([{"lr_scale": 0.5, "stages": [{"epochs": 5}]}], "'rounds[0]': ['lr_scale'] with stages; keep one"),
+    ([{"init": "previous", "stages": [{"epochs": 7}], "hard_examples": {}}],
+     "'rounds[0]': ['stages'] with hard_examples, which set their own epochs and lr_scale"),
     ([{"init": "warm"}], "'rounds[0].init' must be 'scratch', 'previous' or the number of an earlier round"),
     ([{"pseudo": {"labels": "fuzzy"}}], "'rounds[0].pseudo.labels' must be one of ['soft', 'hard']"),
 ])
 def test_bad_rounds_are_named(tmp_path, rounds, says):
     assert says in load_error(tmp_path, {"rounds": rounds})
+
+
+def test_multilabel_pseudo_labels_have_no_max_per_class(tmp_path):
+    base = {"data": {"manifest": "demo:multilabel", "test_manifest": "demo:test"}, "backbones": ["test_resnet"]}
+    says = "'rounds[0].pseudo.max_per_class' is for single-label targets"
+    assert says in load_error(tmp_path, {"rounds": [{"pseudo": {"max_per_class": 5}}]}, base=base)
 
 
 def test_a_retrieval_space_has_no_rounds(tmp_path):
@@ -84,10 +93,13 @@ def test_a_run_grows_by_backbones_values_samples_and_rounds(tmp_path):
     ({"backbones": ["test_efficientnet"]}, "which would change or drop 4 of its models (test_resnet-"),
     ({"search": {"lr": {"grid": [0.01, 0.1]}}, "backbones": ["test_resnet"]}, None),  # reordered: same models
     ({"params": {"batch_size": 8}}, "params.batch_size: 32 -> 8"),
-    ({"rounds": [{"init": "previous", "epochs": 3}]}, "changed: rounds[0]. Rounds may be added after the last one"),
+    ({"rounds": [{"init": "previous", "epochs": 3}]},
+     "changed: rounds[0].stages[0].epochs: 1 -> 3; rounds[0].epochs: 1 -> 3. Rounds may be added after the last one"),
+    ({"weights": {"test_resnet": "w.pth"}, "pretrained": True}, "weights.test_resnet: (absent) -> '"),
 ])
 def test_growing_never_changes_a_model_the_run_has(tmp_path, changes, says):
     run = tmp_path / "run"
+    (tmp_path / "w.pth").write_bytes(b"")
     freeze_space(load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}, "rounds": [ROUND]}, name="a"), run)
     changed = load(tmp_path, {"search": {"lr": {"grid": [0.1, 0.01]}}, "rounds": [ROUND], **changes}, name="a")
     if says is None:
@@ -98,22 +110,53 @@ def test_growing_never_changes_a_model_the_run_has(tmp_path, changes, says):
     assert says in str(info.value)
 
 
-def test_a_round_manifest_adds_rows_that_get_folds_once(tmp_path, demo_dir):
+@pytest.mark.slow
+def test_a_round_manifest_adds_rows_that_get_folds_and_every_stage_runs(tmp_path, demo_dir):
     path = small_space(tmp_path, demo_dir, rows=60, epochs=1)
-    stage2 = tmp_path / "stage2.csv"  # the first 40 rows again and 40 new ones
+    launch.prepare_run(load_space(str(path)), tmp_path / "alone")  # the same space without rounds
+    stage2 = tmp_path / "stage2.csv"  # rows 20-59 again and 40 new ones
     pd.read_csv(demo_dir / "multiclass.csv").iloc[20:100].to_csv(stage2, index=False)
     doc = yaml.safe_load(path.read_text())
     doc["rounds"] = [{"manifest": str(stage2), "epochs": 1}]
     path.write_text(yaml.safe_dump(doc))
-    launch.prepare_run(load_space(str(path)), tmp_path / "run")
-    folds = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str})
-    first = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str}).head(60)
-    assert len(folds) == 100 and folds["id"].is_unique and folds.head(60).equals(first)
+    run_dir = tmp_path / "run"
+    configs = launch.prepare_run(load_space(str(path)), run_dir)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"id": str})
+    alone = pd.read_csv(tmp_path / "alone" / "folds.csv", dtype={"id": str})
+    assert len(folds) == 100 and folds["id"].is_unique and folds.head(60).equals(alone)  # old rows keep their folds
     assert folds.tail(40)["fold"].value_counts().to_dict() == {0: 20, 1: 20}  # the new rows, stratified
-    config = Run(tmp_path / "run").read_config(resolve_models(load_space(str(path)))[1].model_id)
-    assert config["data"]["manifest"] == str(stage2) and config["round"] == 2 and config["init_from"] is None
-    trainer = FoldTrainer(config, 0, tmp_path / "run")  # it trains on its own manifest's rows only
-    assert len(trainer.train_ids) + len(trainer.valid_ids) == 80
+    assert configs[1]["data"]["manifest"] == str(stage2) and configs[1]["round"] == 2 and configs[1]["init_from"] is None
+    for config in configs:  # each model trains on its own manifest's rows, and is finalised as the sweep does
+        for fold in range(2):
+            train_fold(config, fold, run_dir)
+        Run(run_dir).finalize_model(config)
+    assert [len(pd.read_parquet(run_dir / "models" / c["model_id"] / "oof.parquet")) for c in configs] == [60, 80]
+    out = {}
+    for stage in ("predict", "stack", "report"):
+        proc = subprocess.run([sys.executable, "-m", f"ensemble.{stage}", "--run", str(run_dir),
+                               *(["--method", "greedy"] if stage == "stack" else [])],  # 2 folds: no meta-models
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        out[stage] = proc.stdout
+    assert "stacking the 40 rows every model trained on: 60 rows of folds.csv are in some rounds' manifests only" \
+        in out["stack"]
+    scores = pd.read_csv(run_dir / "ensemble" / "scores.csv")
+    assert {"mean", "greedy"} <= set(scores["method"])
+
+
+def test_a_round_manifests_rows_of_a_known_group_join_that_groups_fold(tmp_path, demo_dir):
+    grouped = pd.read_csv(demo_dir / "grouped.csv")
+    grouped.head(120).to_csv(tmp_path / "stage1.csv", index=False)
+    grouped.iloc[60:240].to_csv(tmp_path / "stage2.csv", index=False)
+    path = small_space(tmp_path, demo_dir, folds={"k": 3, "strategy": "group", "seed": 0},
+                       rounds=[{"manifest": str(tmp_path / "stage2.csv"), "epochs": 1}])
+    doc = yaml.safe_load(path.read_text())
+    doc["data"]["manifest"] = str(tmp_path / "stage1.csv")
+    path.write_text(yaml.safe_dump(doc))
+    launch.prepare_run(load_space(str(path)), tmp_path / "run")
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv", dtype=str)
+    assert len(folds) == 240 and (folds.groupby("group")["fold"].nunique() == 1).all()  # no group in two folds
+    assert set(folds["fold"]) == {"0", "1", "2"}
 
 
 # --------------------------------------------------------------------------- pseudo-labels

@@ -469,8 +469,8 @@ def test_check_frozen_names_every_changed_key(tmp_path):
     assert message == (
         f"{tmp_path / 'run' / 'space.yaml'}: this run started with a different space than 'a' is now; changed: "
         "folds.k: 5 -> 3; params.lr: 0.001 -> 0.0001; epochs: 10 -> 1; stages[0].epochs: 10 -> 1; "
-        "stages[0].freeze: false -> true. A run keeps its space (it may only grow: added backbones, grid/choice "
-        "values, samples, rounds): use a new --name, or restore the old space file.")
+        "stages[0].freeze: false -> true. A run keeps its space (it may only grow, by backbones, grid/choice values, "
+        "samples or rounds that leave every model it has as it is): use a new --name, or restore the old space file.")
     two_stages = load(tmp_path, {"stages": [{"epochs": 4}, {"epochs": 6}]}, name="a")
     with pytest.raises(UserError, match=re.escape("stages: [{'epochs': 10, 'freeze': False, 'lr_scale': 1.0, "
                                                   "'augment': 'hflip', 'preprocess': 'pad', 'image_size': None}] -> "

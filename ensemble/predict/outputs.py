@@ -82,7 +82,8 @@ def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
         write_parquet(frame, plan.out_dir / name)
     _write_emb_sets(plan.out_dir, emb_sets)
     extra = {"embeddings": True, "embedding_dim": emb_sets["oof"][0].shape[1]} if emb_sets else {}
-    write_json({"tta": job.tta, "views": names, "merge": job.merge, "forward_batch": job.batch * len(names),
+    write_json({"tta": job.tta, "views": names, "per_view": job.per_view, "merge": job.merge,
+                "forward_batch": job.batch * len(names),
                 **extra, "scores": scores, "unreadable": unreadable, "seconds": results.get("seconds")},
                plan.out_dir / "predict.json")
     return scores

@@ -184,6 +184,7 @@ def _plan_model(run: Run, config: dict, folds: pd.DataFrame, out_dir: Path, spec
     plan = ModelPlan(model_id, config, out_dir, oof, y_true)
     train, others = _manifests(config, manifests)
     image_of = train.frame.set_index("id")["image"]
+    folds = folds[folds.index.isin(image_of.index)]  # a round's manifest may hold other rows of folds.csv
     all_paths = [str(train.root / p) for p in image_of.loc[folds.index]]  # the sweep's cache holds these
     for split, manifest in others.items():  # test, or query + gallery
         setattr(plan, f"{split}_ids", manifest.ids[: 2 * SMOKE_ROWS if smoke else None].tolist())

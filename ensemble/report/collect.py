@@ -63,6 +63,7 @@ class ModelRow:
     train_seconds: float | None = None
     predict_seconds: float | None = None
     view_scores: dict[str, float] = field(default_factory=dict)  # oof_views.parquet: score of each TTA view
+    start: str | None = None  # a later round's model: the model it started from (or took pseudo-labels from)
 
 
 @dataclass
@@ -193,7 +194,8 @@ def _model_row(run: Run, config: dict, errors: dict[str, str]) -> ModelRow:
                    _state(run, config, errors), scores, [m.get("best_epoch") for m in folds], histories,
                    mean=float(np.mean(known)) if known else None,
                    std=float(np.std(known)) if len(known) > 1 else None,  # as the sweep's leaderboard.csv
-                   train_seconds=float(sum(seconds)) if seconds else None)
+                   train_seconds=float(sum(seconds)) if seconds else None,
+                   start=config.get("init_from") or (config.get("pseudo") or {}).get("model"))
     predict = _json(run, run.model_dir(model_id) / "predict.json") or {}
     found = predict.get("scores") or {}
     row.oof_score, row.tta_score = found.get(f"oof {metric}"), found.get(f"oof_tta {metric}")
@@ -381,6 +383,9 @@ def collect(run: Run) -> Report:
     if "id" not in folds.columns:
         raise UserError(f"{run.show(run.folds_file)}: no 'id' column; use the folds.csv the sweep wrote.")
     configs = run.configs()
+    shared = run.shared_ids(configs.values())
+    if shared is not None:  # rounds on other manifests: the rows every model predicts, as the stack uses
+        folds = folds[folds["id"].isin(shared)].reset_index(drop=True)
     errors = tune_errors(run)
     models = [_model_row(run, config, errors) for config in configs.values()]
     first = next(iter(configs.values()), {})

@@ -68,6 +68,13 @@ def leaderboard_table(report: Report) -> pd.DataFrame:
                      "best_epochs": " ".join("-" if e is None else str(e) for e in m.best_epochs),
                      "oof_score": m.oof_score, "oof_tta_score": m.tta_score, "tta_gain": m.tta_gain,
                      "train_seconds": m.train_seconds, "predict_seconds": m.predict_seconds})
+    if any(m.start for m in report.models):  # rounds: each model against the one it grew from
+        means = {m.model_id: m.mean for m in report.models}
+        sign = 1.0 if report.mode == "min" else -1.0
+        for row, m in zip(rows, report.models):
+            before = means.get(m.start)
+            row |= {"start": m.start, "round_gain": None if before is None or m.mean is None
+                    else sign * (before - m.mean)}
     return pd.DataFrame(rows)
 
 
@@ -84,7 +91,8 @@ def _leaderboard_section(report: Report, board: pd.DataFrame, files: dict) -> di
                                                        report.metric, report.mode)
     return {"rows": board.to_dict("records"), "k": sum(c.startswith("fold") for c in board.columns),
             "predicted": bool(board["oof_score"].notna().any()),
-            "predict_times": bool(board["predict_seconds"].notna().any())}
+            "predict_times": bool(board["predict_seconds"].notna().any()), "rounds": "start" in board,
+            "labels": {m.model_id: m.label for m in report.models}}
 
 
 def _run_section(report: Report, space_href: str | None) -> dict:

@@ -43,7 +43,8 @@ from ensemble.run.storage import ARTIFACTS, RunStore
 MODELS, ENSEMBLE = "models", "ensemble"
 SPACE_FILE, FOLDS_FILE, LOCK_FILE, LEADERBOARD_FILE = "space.yaml", "folds.csv", "run.lock", "leaderboard.csv"
 STATUS_FILE, CONFIG_FILE, OOF_FILE = "status.json", "config.json", "oof.parquet"
-FOLD_FILES = ("weights.pt", "oof.parquet", "last.pt", "metrics.json")  # push order: metrics.json last
+# Push order: metrics.json last. A round's fold also keeps what it trains on (made once, from the earlier round).
+FOLD_FILES = ("pseudo.parquet", "hard_examples.json", "weights.pt", "oof.parquet", "last.pt", "metrics.json")
 CHECKPOINT_FILES = ("weights.pt", "last.pt")  # a fold's large files: weights to predict again, last to resume
 # A retrieval model's embeddings (float16, L2-normalised): held-out rows by their own fold's model (rows x dims);
 # query and gallery sets by every fold model (folds x rows x dims). Each .npy has its ids beside it.
@@ -274,13 +275,26 @@ class Run:
         metrics.update(complete=True, stopped=stopped)
         write_json(metrics, self.fold_dir(model_id, fold) / "metrics.json")
 
+    def shared_ids(self, configs) -> set[str] | None:
+        """The folds.csv ids that every model of `configs` trains on; None when that is all of them.
+
+        A round may train on another manifest (e.g. a competition's stage-2 data): its new rows
+        have folds in folds.csv, but the models of other rounds never saw them."""
+        from ensemble.data.manifest import read_table
+
+        manifests = {config["data"]["manifest"] for config in configs if config.get("data")}
+        if len(manifests) < 2:
+            return None
+        return set.intersection(*(set(read_table(Path(m))["id"].astype(str)) for m in manifests))
+
     def finalize_model(self, config: dict) -> Path:
-        """When all k folds are complete: the model's oof.parquet (every training id once) and config.json."""
+        """When all k folds are complete: the model's oof.parquet (each of its training ids once) and config.json."""
         model_id = config["model_id"]
         parts = [pd.read_parquet(self.fold_dir(model_id, f) / OOF_FILE) for f in range(config["k"])]
         oof = pd.concat(parts, ignore_index=True)
         folds = pd.read_csv(self.folds_file, dtype={"id": str})
-        assert len(oof) == len(folds) and set(oof["id"]) == set(folds["id"]), "OOF rows must cover folds.csv exactly"
+        folds = folds[folds["id"].isin(oof["id"])]  # the rows of its own manifest (a round's may be other rows)
+        assert len(oof) == len(folds), "OOF rows must be folds.csv rows, each once"
         oof = oof.set_index("id").loc[folds["id"]].reset_index()
         self.write_config(config)
         write_parquet(oof, self.model_dir(model_id) / OOF_FILE)

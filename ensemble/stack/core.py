@@ -241,14 +241,25 @@ def _smooth(data, rows: list[MethodResult], files: dict, winner: MethodResult, m
     from ensemble.stack.smooth import neighbour_smoothing
 
     smoothed, more, line = neighbour_smoothing(data, winner, metric, run)
-    print(line)
+    if smoothed is None or winner.cv_score_thresholded is None:
+        print(line)
     if smoothed is None:
         return winner
-    if winner.cv_score_thresholded is not None:  # F-beta multilabel: ranked the way the others were
-        score_thresholded([smoothed], data, beta, average)
     rows.append(smoothed)
     files.update(more)
-    return smoothed if choose_winner([winner, smoothed], metric) is smoothed else winner
+    if winner.cv_score_thresholded is None:
+        return smoothed if choose_winner([winner, smoothed], metric) is smoothed else winner
+    # F-beta multilabel: judged after its own thresholds, as every other method was
+    score_thresholded([smoothed], data, beta, average)
+    used = choose_winner([winner, smoothed], metric) is smoothed
+    doc = json.loads(more["smoothing.json"]) | {"used": used, "chosen_by": "cv_score_thresholded",
+                                                "cv_score_thresholded": smoothed.cv_score_thresholded,
+                                                "cv_score_thresholded_without": winner.cv_score_thresholded}
+    files["smoothing.json"] = _json(doc)
+    print(f"neighbour smoothing of {winner.method}: cv {metric.name} after thresholds "
+          f"{smoothed.cv_score_thresholded:.5f} vs {winner.cv_score_thresholded:.5f} without, "
+          + (f"better: the submission is {smoothed.method}" if used else f"not better: the submission stays {winner.method}"))
+    return smoothed if used else winner
 
 
 def _scores_csv(rows: list[MethodResult]) -> bytes:

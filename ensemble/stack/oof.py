@@ -196,6 +196,8 @@ def _read_oof(path: Path, index: pd.Index, folds: np.ndarray, classes: list[str]
 def _align_oof(path: Path | str, oof: pd.DataFrame, index: pd.Index, folds: np.ndarray, classes: list[str],
                task: str) -> np.ndarray | str:
     """`oof`'s class columns in folds.csv order after the id, fold and value checks (`path` names it in errors)."""
+    if index.name == "shared":  # rows outside the members' shared rows are not stacked
+        oof = oof[oof["id"].astype(str).isin(index)]
     oof_ids = oof["id"].astype(str).to_numpy(dtype=object)
     pos = index.get_indexer(oof_ids)
     if (pos < 0).any():
@@ -253,10 +255,13 @@ def _listed_views(model_dir: Path) -> tuple[list[str], str]:
         return [], f"{present[0]} without {next(n for n in VIEW_FILES if n not in present)}"
     path = model_dir / "predict.json"
     try:
-        views = json.loads(path.read_text()).get("views")
+        meta = json.loads(path.read_text())
+        views = meta.get("views")
     except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise UserError(f"{path}: cannot be read as JSON ({exc}); rerun python -m ensemble.predict for this "
                         "model.") from exc
+    if meta.get("per_view") is False:  # predicted again without --per-view: the files are an older prediction's
+        return [], "predicted without --per-view (its per-view files are older)"
     if not views:
         return [], "predict.json lists no views"
     return [str(v) for v in views], ""
@@ -318,11 +323,17 @@ def load_run(run: Run | str, tta: bool = True, skip_incomplete: bool = False) ->
                             "predict the same classes.")
     task, target, classes = ref["task"], ref["target"], [str(c) for c in ref["classes"]]
     folds_frame = _read_folds(run, target, classes)
+    shared = run.shared_ids(configs.values())
+    if shared is not None:  # rounds on other manifests: the rows every member predicts
+        kept = folds_frame["id"].astype(str).isin(shared)
+        print(f"stacking the {int(kept.sum())} rows every model trained on: {int((~kept).sum())} rows of folds.csv are "
+              "in some rounds' manifests only")
+        folds_frame = folds_frame[kept].reset_index(drop=True)
     ids = folds_frame["id"].to_numpy(dtype=object)
     folds = folds_frame["fold"].to_numpy()
     if "k" in ref:
         run.check_folds(folds_frame["fold"], ref["k"])
-    index = pd.Index(ids)
+    index = pd.Index(ids, name="shared" if shared is not None else None)
     incomplete = {d.name: "config.json missing" for d in model_dirs if d.name not in configs}
     oof_list, test_list, sources, test_ids, test_ref = [], [], {}, None, None
     view_ids, view_oof, view_test, no_views = [], [], [], {}

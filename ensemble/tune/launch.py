@@ -64,7 +64,8 @@ def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> S
     """Check the space against the run, read and check the data, make the folds and the model configs."""
     restart, grown = _check_relaunch(space, run, resume)
     manifest, target = _read_training_manifest(space)
-    added = {r: _round_manifest(space, item, target) for r, item in enumerate(space.rounds or [], 2) if item.manifest}
+    added = {r: _round_manifest(space, item, target, manifest.classes)
+             for r, item in enumerate(space.rounds or [], 2) if item.manifest}
     folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart,
                          also={i for m in added.values() for i in m.frame["id"]})
     folds = _round_rows(space, folds, target, added)
@@ -157,6 +158,15 @@ def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added:
         new = manifest.subset(~manifest.frame["id"].isin(folds["id"]))
         if not len(new.frame):
             continue
+        if "group" in space.folds.strategy and "group" in folds:  # a known group's new rows join its fold
+            fold_of = folds.drop_duplicates("group").set_index("group")["fold"]
+            known = new.frame["group"].astype(str).isin(fold_of.index.astype(str))
+            rows = new.frame[known][[c for c in folds.columns if c != "fold"]].copy()
+            rows.insert(1, "fold", fold_of.set_axis(fold_of.index.astype(str)).loc[rows["group"].astype(str)].to_numpy())
+            folds = pd.concat([folds, rows], ignore_index=True)
+            new = new.subset(~known.to_numpy())
+            if not len(new.frame):
+                continue
         y, groups = new.targets(), new.groups
         y = y if target.task == "multilabel" else y.argmax(1)
         try:
@@ -171,9 +181,10 @@ def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added:
     return folds
 
 
-def _round_manifest(space: spaces.Space, item, target: Target) -> Manifest:
+def _round_manifest(space: spaces.Space, item, target: Target, classes: list[str]) -> Manifest:
+    """A round's manifest, checked as the first round's (its labels must be the first round's classes)."""
     data = space.data  # image paths are relative to the space's root, as the first round's are
-    return read_manifest(item.manifest, space.root_path, target=target, classes=data.classes,
+    return read_manifest(item.manifest, space.root_path, target=target, classes=classes,
                          check_images=data.check_images, on_bad_image=data.on_bad_image)
 
 
@@ -365,10 +376,10 @@ def _startable(configs: list[dict], run: Run, orphans: list[dict]) -> tuple[list
     ready = []
     for config in configs:
         needs = {config.get("init_from"), (config.get("pseudo") or {}).get("model")} - {None}
-        missing = [m for m in sorted(needs) if run.model_state(m) != "complete"]
+        missing = [m for m in sorted(needs) if run.model_state(m) != "complete" or run.weights_pruned(m)]
         if missing:
-            print(f"{config['model_id']} not trained: it starts from {', '.join(missing)}, which "
-                  f"{'is' if len(missing) == 1 else 'are'} {run.model_state(missing[0])} (not complete).")
+            state = "its checkpoints were freed by prune" if run.weights_pruned(missing[0]) else run.model_state(missing[0])
+            print(f"{config['model_id']} not trained: it needs the fold weights of {missing[0]} ({state}).")
             orphans = orphans + [config]
         else:
             ready.append(config)
@@ -407,7 +418,8 @@ def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, slot
     scheduler = None
     if space.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="epoch", max_t=total_epochs(todo[0]), grace_period=space.scheduler.grace_period,
+            time_attr="epoch", max_t=total_epochs(todo[0]),  # a round may train fewer epochs than the grace period
+            grace_period=min(space.scheduler.grace_period, total_epochs(todo[0])),
             reduction_factor=space.scheduler.reduction_factor)
     attempt = len(list(run.tune_dir.glob("attempt-*"))) + 1 if run.tune_dir.exists() else 1
     if verbose < 2:  # Ray Tune's new output prints its header and a TensorBoard hint even at verbose=0

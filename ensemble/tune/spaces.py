@@ -103,7 +103,8 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
         for key in ("augment", "preprocess"):
             stage[key] = stage[key] or data[key]
     raw["stages"], raw["epochs"] = stages, total
-    raw["rounds"] = [_resolve_round(r, item, raw, folder, fail) for r, item in enumerate(raw["rounds"] or [], 2)] or None
+    raw["rounds"] = [_resolve_round(r, item, set(written or ()), raw, folder, fail)
+                     for r, (item, written) in enumerate(zip(raw["rounds"] or [], given.get("rounds") or []), 2)] or None
 
     metric = raw["metric"] = raw["metric"] or DEFAULT_METRIC[task]
     if metric not in task_metrics(task):
@@ -119,8 +120,9 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     return raw
 
 
-def _resolve_round(r: int, item: dict, raw: dict, folder: Path, fail: Callable) -> dict:
-    """rounds[r - 2]: its stages filled in (like the base space's), its paths resolved, its init checked."""
+def _resolve_round(r: int, item: dict, written: set, raw: dict, folder: Path, fail: Callable) -> dict:
+    """rounds[r - 2]: its stages filled in (like the base space's), its paths resolved, its init checked;
+    `written`: the keys the file gives."""
     where, data = f"rounds[{r - 2}]", raw["data"]
     if raw["task"] == "retrieval":
         fail(f"'{where}': rounds are for classification spaces; a retrieval space trains its models once.")
@@ -131,16 +133,25 @@ def _resolve_round(r: int, item: dict, raw: dict, folder: Path, fail: Callable) 
         fail(f"'{where}': hard_examples fine-tune the earlier round's fold models; set init: previous (or a round).")
     one_stage = {"epochs": item["epochs"], "lr_scale": item["lr_scale"], "augment": item["augment"],
                  "image_size": item["image_size"]}
-    if item["stages"] and any(v not in (None, 1.0) for v in one_stage.values()):
-        fail(f"'{where}': give 'stages' or epochs / lr_scale / augment / image_size, not both; a stage has these keys.")
     if hard:
         one_stage = {"epochs": hard["epochs"], "lr_scale": hard["lr_scale"],
                      "augment": hard["augment"] or item["augment"], "image_size": item["image_size"]}
     stages = item["stages"] if item["stages"] and not hard else \
         [dict(one_stage, epochs=one_stage["epochs"] or raw["epochs"], freeze=False, preprocess=None)]
-    for stage in stages:
-        for key in ("augment", "preprocess"):
-            stage[key] = stage[key] or data[key]
+    stages = [dict(stage, **{key: stage[key] or data[key] for key in ("augment", "preprocess")}) for stage in stages]
+    # What a file gives twice (a frozen space.yaml writes the resolved stages and their epochs: those agree).
+    both = sorted(written & ({"lr_scale", "stages"} if hard else {"lr_scale", "augment", "image_size"}
+                             if "stages" in written else set()))
+    if hard and "stages" in written and [dict(st, **{k: st[k] or data[k] for k in ("augment", "preprocess")})
+                                        for st in item["stages"]] == stages:
+        both.remove("stages")  # a frozen round
+    if "epochs" in written and item["epochs"] != sum(stage["epochs"] for stage in stages) and (hard or item["stages"]):
+        both.append("epochs")
+    if both:
+        fail(f"'{where}': {both} {'with hard_examples, which set their own epochs and lr_scale' if hard else 'with stages'}"
+             "; keep one (a stage has epochs, lr_scale, augment and image_size).")
+    if item["pseudo"] and item["pseudo"]["max_per_class"] and raw["task"] == "multilabel":
+        fail(f"'{where}.pseudo.max_per_class' is for single-label targets; a multilabel row has no one class.")
     pseudo = item["pseudo"]
     if pseudo:
         if pseudo["from"] == "test" and not data["test_manifest"]:
@@ -440,9 +451,11 @@ def apply_smoke(space: Space) -> Space:
     raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])  # search's are dropped
     raw["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in raw["stages"][:2]]
     raw["epochs"] = sum(stage["epochs"] for stage in raw["stages"])
+    raw["stages"] = [dict(stage, image_size=None) for stage in raw["stages"]]  # every stage at smoke.image_size
     for item in raw["rounds"] or []:
-        item["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in item["stages"][:2]]
+        item["stages"] = [dict(stage, epochs=smoke["epochs"], image_size=None) for stage in item["stages"][:2]]
         item["epochs"] = sum(stage["epochs"] for stage in item["stages"])
+        item["manifest"] = None  # smoke.max_rows of the first round's data, every round
     raw["scheduler"]["grace_period"] = min(raw["scheduler"]["grace_period"], raw["epochs"])
     raw["folds"]["k"], raw["num_samples"] = min(raw["folds"]["k"], 3), 1
     raw["search"] = {k: {"grid": d["grid"][:1]} if "grid" in d else d
@@ -541,8 +554,8 @@ def check_frozen(space: Space, run_dir: Path) -> list[str]:
                if key.split(".")[0].split("[")[0] not in UNCHECKED]
     fixed = [text for key, text in changes if key.split(".")[0].split("[")[0] not in GROWABLE]
     fail = f"{frozen_path}: this run started with a different space than {space.name!r} is now; changed: "
-    keep = ("A run keeps its space (it may only grow: added backbones, grid/choice values, samples, rounds): "
-            "use a new --name, or restore the old space file.")
+    keep = ("A run keeps its space (it may only grow, by backbones, grid/choice values, samples or rounds that "
+            "leave every model it has as it is): use a new --name, or restore the old space file.")
     if fixed:
         raise UserError(f"{fail}{'; '.join(text for _, text in changes)}. {keep}")
     grown = [text for _, text in changes]
@@ -551,10 +564,15 @@ def check_frozen(space: Space, run_dir: Path) -> list[str]:
     old_rounds, new_rounds = frozen.get("rounds") or [], space.raw["rounds"] or []
     if new_rounds[:len(old_rounds)] != old_rounds:
         i = next(i for i, (a, b) in enumerate(zip(old_rounds + [None], new_rounds + [None])) if a != b)
-        raise UserError(f"{fail}rounds[{i}]. Rounds may be added after the last one, never changed or removed. {keep}")
-    for backbone, path in (frozen.get("weights") or {}).items():
-        if space.raw["weights"].get(backbone) != path:
-            raise UserError(f"{fail}weights.{backbone}: {_fmt(path)} -> {_fmt(space.raw['weights'].get(backbone))}. {keep}")
+        inner = [_change(key, a, b) for key, a, b in _diff(old_rounds[i], new_rounds[i] if i < len(new_rounds) else {},
+                                                              f"rounds[{i}]")]
+        raise UserError(f"{fail}{'; '.join(inner)}. Rounds may be added after the last one, never changed or "
+                        f"removed. {keep}")
+    old_backbones = frozen.get("backbones") or []
+    for backbone in set(frozen.get("weights") or {}) | set(space.raw["weights"]):
+        old, new = (frozen.get("weights") or {}).get(backbone), space.raw["weights"].get(backbone)
+        if old != new and backbone in old_backbones:  # a model the run has would start from other weights
+            raise UserError(f"{fail}weights.{backbone}: {_fmt(old)} -> {_fmt(new)}. {keep}")
     new_ids = {m.model_id for m in resolve_models(space)}
     lost = [m.model_id for m in resolve_models(_space(space.name, frozen_path, frozen)) if m.model_id not in new_ids]
     if lost:

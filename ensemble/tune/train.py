@@ -116,8 +116,8 @@ class FoldTrainer:
             self.model = create_model(config["backbone"], len(config["classes"]), **kwargs)
         self.model.to(self.device)
         self.w_train = None  # per-row loss weights, when pseudo-labelled rows train too
-        if config.get("init_from"):  # a round's model: this fold's model of the earlier round (never another fold's)
-            self.model.load_state_dict(self._parent_weights(config["init_from"]))
+        if config.get("init_from") and not (self.dir / "last.pt").exists():  # a round's model: this fold's model
+            self.model.load_state_dict(self._parent_weights(config["init_from"]))  # of the earlier round, no other
         if config.get("hard_examples"):
             self._keep_hard_examples()
         if config.get("pseudo"):
@@ -140,7 +140,7 @@ class FoldTrainer:
         frame = manifest.frame.set_index("id").loc[folds["id"]].reset_index()
         paths = [str(Path(data["root"]) / p) for p in frame["image"]]
         is_valid = folds["fold"].to_numpy() == self.fold
-        self.paths = paths  # every row of folds.csv: one decoded cache for all folds and models
+        self.paths = paths  # folds.csv's rows of this manifest: one decoded cache for all folds and models
         self.train_rows, self.valid_rows = np.flatnonzero(~is_valid), np.flatnonzero(is_valid)
         if self.retrieval:  # identity codes: the head classifies this fold's training identities only
             labels = frame[target.column].astype(str).to_numpy()

@@ -35,6 +35,10 @@ def _fold_task(config: dict, fold: int, location: str, epochs: int) -> dict:
     if run.store:  # the fold's checkpoint from the URI, and every epoch back to it
         run.pull(run.folds_file)
         run.pull(run.fold_dir(config["model_id"], fold), exact=True)  # never a stale local checkpoint
+        for parent in {config.get("init_from"), (config.get("pseudo") or {}).get("model")} - {None}:
+            run.pull(run.model_dir(parent) / "config.json")  # a round starts from its earlier round's same fold
+            for name in ("weights.pt", "metrics.json"):
+                run.pull(run.fold_dir(parent, fold) / name)
         after_epoch = lambda: run.push_fold(config["model_id"], fold)  # noqa: E731
     return train_until(config, fold, run, epochs, cpus=config["resources"].get("cpu", 1), after_epoch=after_epoch)
 
