@@ -22,7 +22,7 @@ from test_spaces import load, load_error
 from ensemble.errors import UserError
 from ensemble.models import create_model
 from ensemble.run import Run
-from ensemble.tune import launch, spaces
+from ensemble.tune import launch
 from ensemble.tune.spaces import check_frozen, freeze_space, load_space, resolve_models
 from ensemble.tune.train import FoldTrainer, pseudo_labels, train_fold
 
@@ -108,6 +108,18 @@ def test_growing_never_changes_a_model_the_run_has(tmp_path, changes, says):
     with pytest.raises(UserError, match="A run keeps its space") as info:
         check_frozen(changed, run)
     assert says in str(info.value)
+
+
+@pytest.mark.slow
+def test_growth_that_would_redraw_samples_is_refused(tmp_path):
+    sampled = {"search": {"lr": {"choice": [0.1, 0.01]}, "dropout": {"grid": [0.0, 0.1]}}, "num_samples": 2}
+    freeze_space(load(tmp_path, sampled, name="a"), tmp_path / "run")
+    more = load(tmp_path, dict(sampled, num_samples=3), name="a")
+    assert check_frozen(more, tmp_path / "run") == ["num_samples: 2 -> 3"]  # the first draws stay
+    for search in ({"lr": {"choice": [0.1, 0.01, 0.001]}, "dropout": {"grid": [0.0, 0.1]}},
+                   {"lr": {"choice": [0.1, 0.01]}, "dropout": {"grid": [0.0, 0.1, 0.2]}}):
+        with pytest.raises(UserError, match="which would change or drop"):
+            check_frozen(load(tmp_path, dict(sampled, search=search), name="a"), tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -310,6 +322,3 @@ def test_hard_examples_fine_tune_on_the_worst_training_rows(tmp_path, demo_dir):
     assert set(chosen["ids"]) == {start.train_ids[i] for i in np.argsort(-loss)[:10]}
     with pytest.raises(RuntimeError, match="fold 1, which is not complete"):
         FoldTrainer(hard, 1, tmp_path / "run")  # fold 1 of round 1 never trained
-    assert spaces.round_id("m-1234", 3) == "m-1234-r3"
-    with pytest.raises(UserError):
-        load_space(str(tmp_path / "missing.yaml"))

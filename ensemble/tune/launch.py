@@ -363,8 +363,8 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         raise Interrupted(f"interrupted: {len(unfinished)} model(s) not finished; every finished epoch is kept. "
                           f"Continue with: {resume_command(space, location)}")
     if todo:
-        print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo)} model(s) trained "
-              "(complete, pruned or stopped early).")
+        print(f"Sweep finished in {time.perf_counter() - began:.0f} s: {len(todo) - len(orphans)} model(s) trained "
+              "(complete, pruned or stopped early)" + (f", {len(orphans)} left out (above)." if orphans else "."))
         if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
             print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
     return board

@@ -40,6 +40,7 @@ import torch
 
 from ensemble.data.loader import DecodedCache, ImageDataset, cache_path, create_loader, normalize_batch
 from ensemble.data.manifest import Target, encode_targets, read_manifest
+from ensemble.errors import UserError
 from ensemble.io import atomic_path, write_json, write_parquet
 from ensemble.metrics import METRICS, is_better, task_metrics
 from ensemble.models import create_embedding_model, create_model, frozen_bn_eval, set_backbone_frozen
@@ -279,6 +280,11 @@ class FoldTrainer:
             frame.insert(0, "id", source.frame["id"].to_numpy()[rows])
             write_parquet(frame, path)
         frame = pd.read_parquet(path)
+        moved = source.frame["id"].to_numpy()[frame["row"].to_numpy()] != frame["id"].to_numpy() \
+            if frame["row"].max(initial=-1) < len(paths) else np.ones(len(frame), bool)
+        if moved.any():
+            raise UserError(f"{pseudo['manifest']} changed since this fold's pseudo-labels were made ({path}): "
+                            "restore it, or start the round again under a new --name.")
         start = len(self.paths)
         self.paths = self.paths + [str(p) for p in paths]
         self.train_rows = np.concatenate([self.train_rows, start + frame["row"].to_numpy()])
