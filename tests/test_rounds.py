@@ -255,6 +255,29 @@ def test_fold_safe_pseudo_labels_keep_a_shuffled_fold_at_chance_while_ensemble_o
 # --------------------------------------------------------------------------- on Ray
 
 
+def _files(run_dir: Path, model_ids) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for m in model_ids
+            for p in sorted((run_dir / "models" / m).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_finished_run_grows_by_a_backbone_without_touching_its_models(tmp_path, demo_dir, ray_cluster):
+    path = small_space(tmp_path, demo_dir, rows=120, epochs=1)
+    run_dir = tmp_path / "run"
+    launch.run_sweep(load_space(str(path)), run_dir, verbose=0)
+    (old_id,) = [m.model_id for m in resolve_models(load_space(str(path)))]
+    before, folds = _files(run_dir, [old_id]), (run_dir / "folds.csv").read_bytes()
+    doc = yaml.safe_load(path.read_text())
+    doc["backbones"] = ["test_resnet", "test_efficientnet"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match="already holds a sweep"):  # growing is a resume
+        launch.run_sweep(load_space(str(path)), run_dir, verbose=0)
+    board = launch.run_sweep(load_space(str(path)), run_dir, resume=True, verbose=0)
+    assert _files(run_dir, [old_id]) == before and (run_dir / "folds.csv").read_bytes() == folds
+    assert sorted(board["state"]) == ["complete", "complete"] and len(board) == 2
+    assert "# grown " in (run_dir / "space.yaml").read_text()
+
+
 def cli(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ensemble.tune", *args], cwd=REPO,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
