@@ -68,6 +68,12 @@ def test_multilabel_pseudo_labels_have_no_max_per_class(tmp_path):
     assert says in load_error(tmp_path, {"rounds": [{"pseudo": {"max_per_class": 5}}]}, base=base)
 
 
+def test_smoke_shrinks_every_round():
+    smoke = spaces.apply_smoke(load_space("demo_rounds"))
+    assert [stage["image_size"] for stage in smoke.raw["stages"]] == [None, None]  # all at smoke.image_size
+    assert [(r.epochs, r.manifest, r.stages[0]["image_size"]) for r in smoke.rounds] == [(1, None, None)] * 3
+
+
 def test_a_retrieval_space_has_no_rounds(tmp_path):
     base = {"task": "retrieval", "data": {"manifest": "demo:retrieval"}, "backbones": ["test_resnet"]}
     assert "rounds are for classification spaces" in load_error(tmp_path, {"rounds": [ROUND]}, base=base)

@@ -449,9 +449,9 @@ def apply_smoke(space: Space) -> Space:
         stand_in if _n_params(b) > _n_params(stand_in) else b for b in raw["backbones"]))
     raw["weights"], raw["pretrained"] = {}, False  # smoke runs stay offline: they test the pipeline
     raw["params"].update(image_size=smoke["image_size"], batch_size=smoke["batch_size"])  # search's are dropped
-    raw["stages"] = [dict(stage, epochs=smoke["epochs"]) for stage in raw["stages"][:2]]
+    # Every stage at smoke.image_size (a stage's own size is dropped).
+    raw["stages"] = [dict(stage, epochs=smoke["epochs"], image_size=None) for stage in raw["stages"][:2]]
     raw["epochs"] = sum(stage["epochs"] for stage in raw["stages"])
-    raw["stages"] = [dict(stage, image_size=None) for stage in raw["stages"]]  # every stage at smoke.image_size
     for item in raw["rounds"] or []:
         item["stages"] = [dict(stage, epochs=smoke["epochs"], image_size=None) for stage in item["stages"][:2]]
         item["epochs"] = sum(stage["epochs"] for stage in item["stages"])
