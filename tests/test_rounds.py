@@ -23,7 +23,7 @@ from ensemble.errors import UserError
 from ensemble.models import create_model
 from ensemble.run import Run
 from ensemble.tune import launch
-from ensemble.tune.spaces import check_frozen, freeze_space, load_space, resolve_models
+from ensemble.tune.spaces import apply_smoke, check_frozen, freeze_space, load_space, resolve_models
 from ensemble.tune.train import FoldTrainer, pseudo_labels, train_fold
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def test_multilabel_pseudo_labels_have_no_max_per_class(tmp_path):
 
 
 def test_smoke_shrinks_every_round():
-    smoke = spaces.apply_smoke(load_space("demo_rounds"))
+    smoke = apply_smoke(load_space("demo_rounds"))
     assert [stage["image_size"] for stage in smoke.raw["stages"]] == [None, None]  # all at smoke.image_size
     assert [(r.epochs, r.manifest, r.stages[0]["image_size"]) for r in smoke.rounds] == [(1, None, None)] * 3
 
