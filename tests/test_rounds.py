@@ -331,6 +331,24 @@ def test_two_rounds_resume_after_sigkill_mid_round_two_with_identical_oof(tmp_pa
 
 
 @pytest.mark.slow
+def test_rounds_at_a_uri_pull_their_start_and_push_what_they_train_on(tmp_path, demo_dir, ray_cluster):
+    """A fold task works in its node's mirror: it pulls the earlier round's fold and pushes its pseudo rows
+    and hard examples with its checkpoints, so another machine resumes from the URI alone."""
+    path = small_space(tmp_path, demo_dir, rows=80, epochs=1)
+    doc = yaml.safe_load(path.read_text())
+    doc["rounds"] = [{"init": "previous", "epochs": 1, "pseudo": {"from": "test", "max_per_class": 5}},
+                     {"init": "previous", "hard_examples": {"top": 0.5, "epochs": 1}}]
+    path.write_text(yaml.safe_dump(doc))
+    uri = (tmp_path / "bucket" / "run").as_uri()
+    board = launch.run_sweep(load_space(str(path)), uri, verbose=0)
+    assert sorted(board["round"]) == [1, 2, 3] and set(board["state"]) == {"complete"}
+    remote = tmp_path / "bucket" / "run" / "models"
+    for fold in range(2):
+        assert len(pd.read_parquet(next(remote.glob("*-r2")) / f"fold{fold}" / "pseudo.parquet")) > 0
+        assert json.loads((next(remote.glob("*-r3")) / f"fold{fold}" / "hard_examples.json").read_text())["ids"]
+
+
+@pytest.mark.slow
 def test_hard_examples_fine_tune_on_the_worst_training_rows(tmp_path, demo_dir):
     path = small_space(tmp_path, demo_dir, rows=80, epochs=1)
     doc = yaml.safe_load(path.read_text())

@@ -281,7 +281,7 @@ class FoldTrainer:
             write_parquet(frame, path)
         frame = pd.read_parquet(path)
         moved = source.frame["id"].to_numpy()[frame["row"].to_numpy()] != frame["id"].to_numpy() \
-            if frame["row"].max(initial=-1) < len(paths) else np.ones(len(frame), bool)
+            if frame["row"].to_numpy().max(initial=-1) < len(paths) else np.ones(len(frame), bool)
         if moved.any():
             raise UserError(f"{pseudo['manifest']} changed since this fold's pseudo-labels were made ({path}): "
                             "restore it, or start the round again under a new --name.")
