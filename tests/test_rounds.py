@@ -118,14 +118,15 @@ def test_growing_never_changes_a_model_the_run_has(tmp_path, changes, says):
 
 @pytest.mark.slow
 def test_growth_that_would_redraw_samples_is_refused(tmp_path):
-    sampled = {"search": {"lr": {"choice": [0.1, 0.01]}, "dropout": {"grid": [0.0, 0.1]}}, "num_samples": 2}
+    search = {"lr": {"choice": [0.1, 0.01]}, "dropout": {"uniform": [0.0, 0.5]}, "drop_path": {"grid": [0.0, 0.1]}}
+    sampled = {"search": search, "num_samples": 6}
     freeze_space(load(tmp_path, sampled, name="a"), tmp_path / "run")
-    more = load(tmp_path, dict(sampled, num_samples=3), name="a")
-    assert check_frozen(more, tmp_path / "run") == ["num_samples: 2 -> 3"]  # the first draws stay
-    for search in ({"lr": {"choice": [0.1, 0.01, 0.001]}, "dropout": {"grid": [0.0, 0.1]}},
-                   {"lr": {"choice": [0.1, 0.01]}, "dropout": {"grid": [0.0, 0.1, 0.2]}}):
+    more = load(tmp_path, dict(sampled, num_samples=7), name="a")
+    assert check_frozen(more, tmp_path / "run") == ["num_samples: 6 -> 7"]  # the first draws stay
+    for changed in ({"lr": {"choice": [0.1, 0.01, 0.001, 0.0001]}},  # other lr draws
+                    {"drop_path": {"grid": [0.0, 0.1, 0.2]}}):  # the samples paired with other grid values
         with pytest.raises(UserError, match="which would change or drop"):
-            check_frozen(load(tmp_path, dict(sampled, search=search), name="a"), tmp_path / "run")
+            check_frozen(load(tmp_path, dict(sampled, search=search | changed), name="a"), tmp_path / "run")
 
 
 @pytest.mark.slow
