@@ -39,6 +39,7 @@ EXPECT = {
     "python -m ensemble.stack": "winner:",
     "python scripts/select_ensemble.py": "cross-validated over 3",
     "ensemble stack": "greedy ",
+    "ensemble predict --run runs/mine": "predicted 2 model(s)",
     "ensemble --help": "usage: ensemble {tune,predict,stack,retrieve,report,status,prune,demo}",
 }
 
