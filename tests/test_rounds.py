@@ -350,6 +350,24 @@ def test_rounds_at_a_uri_pull_their_start_and_push_what_they_train_on(tmp_path, 
 
 
 @pytest.mark.slow
+def test_pseudo_rows_are_made_once_and_a_changed_source_is_refused(tmp_path, demo_dir):
+    source = tmp_path / "unlabelled.csv"
+    pd.read_csv(demo_dir / "test.csv").head(50).to_csv(source, index=False)
+    path = small_space(tmp_path, demo_dir, rows=80, epochs=1,
+                       rounds=[{"init": "previous", "epochs": 1, "pseudo": {"from": str(source)}}])
+    base, second = launch.prepare_run(load_space(str(path)), tmp_path / "run")
+    train_fold(base, 0, tmp_path / "run")
+    made = FoldTrainer(second, 0, tmp_path / "run")
+    pseudo = tmp_path / "run" / "models" / second["model_id"] / "fold0" / "pseudo.parquet"
+    assert len(made.train_ids) == 40 + 50 and made.w_train.tolist() == [1.0] * 90  # weight 1 by default
+    again = FoldTrainer(second, 0, tmp_path / "run")  # read back, not made again
+    assert again.train_ids == made.train_ids and np.array_equal(again.y_train, made.y_train)
+    pd.read_csv(source).iloc[::-1].to_csv(source, index=False)  # the source changed under the round
+    with pytest.raises(UserError, match=f"changed since this fold's pseudo-labels were made \\({pseudo}\\)"):
+        FoldTrainer(second, 0, tmp_path / "run")
+
+
+@pytest.mark.slow
 def test_hard_examples_fine_tune_on_the_worst_training_rows(tmp_path, demo_dir):
     path = small_space(tmp_path, demo_dir, rows=80, epochs=1)
     doc = yaml.safe_load(path.read_text())

@@ -280,9 +280,8 @@ class FoldTrainer:
             frame.insert(0, "id", source.frame["id"].to_numpy()[rows])
             write_parquet(frame, path)
         frame = pd.read_parquet(path)
-        moved = source.frame["id"].to_numpy()[frame["row"].to_numpy()] != frame["id"].to_numpy() \
-            if frame["row"].to_numpy().max(initial=-1) < len(paths) else np.ones(len(frame), bool)
-        if moved.any():
+        rows, ids = frame["row"].to_numpy(), source.frame["id"].to_numpy()
+        if len(rows) and (rows.max() >= len(ids) or (ids[rows] != frame["id"].to_numpy()).any()):
             raise UserError(f"{pseudo['manifest']} changed since this fold's pseudo-labels were made ({path}): "
                             "restore it, or start the round again under a new --name.")
         start = len(self.paths)
