@@ -282,7 +282,7 @@ class Run:
         have folds in folds.csv, but the models of other rounds never saw them."""
         from ensemble.data.manifest import read_table
 
-        manifests = {config["data"]["manifest"] for config in configs if config.get("data")}
+        manifests = {(config.get("data") or {}).get("manifest") for config in configs} - {None}
         if len(manifests) < 2:
             return None
         return set.intersection(*(set(read_table(Path(m))["id"].astype(str)) for m in manifests))
