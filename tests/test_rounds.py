@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,6 +67,17 @@ def test_multilabel_pseudo_labels_have_no_max_per_class(tmp_path):
     base = {"data": {"manifest": "demo:multilabel", "test_manifest": "demo:test"}, "backbones": ["test_resnet"]}
     says = "'rounds[0].pseudo.max_per_class' is for single-label targets"
     assert says in load_error(tmp_path, {"rounds": [{"pseudo": {"max_per_class": 5}}]}, base=base)
+
+
+@pytest.mark.parametrize("item,says", [
+    ({"init": "previous", "pseudo": {"from": "nowhere.csv"}}, "'rounds[0].pseudo.from': "),
+    ({"manifest": "missing.csv"}, "'rounds[0].manifest': "),
+])
+def test_a_rounds_missing_file_is_refused_before_anything_is_written(tmp_path, demo_dir, item, says):
+    path = small_space(tmp_path, demo_dir, rows=60, rounds=[item])
+    with pytest.raises(UserError, match=re.escape(f"{path}: {says}") + r".*\.csv: file not found\."):
+        launch.run_sweep(load_space(str(path)), tmp_path / "runs" / "r", verbose=0)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_smoke_shrinks_every_round():

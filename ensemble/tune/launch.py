@@ -64,11 +64,16 @@ def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> S
     """Check the space against the run, read and check the data, make the folds and the model configs."""
     restart, grown = _check_relaunch(space, run, resume)
     manifest, target = _read_training_manifest(space)
-    added = {r: _round_manifest(space, item, target, manifest.classes)
+    added = {r: _round_manifest(space, item, target, manifest.classes, f"rounds[{r - 2}].manifest")
              for r, item in enumerate(space.rounds or [], 2) if item.manifest}
     folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart,
                          also={i for m in added.values() for i in m.frame["id"]})
     folds = _round_rows(space, folds, target, added)
+    for r, item in enumerate(space.rounds or [], 2):  # what rounds pseudo-label exists and decodes: checked now,
+        if item.pseudo and item.pseudo["from"] != "test":  # not after the earlier rounds have trained
+            with _named(space, f"rounds[{r - 2}].pseudo.from"):
+                read_manifest(item.pseudo["from"], space.root_path, require_target=False,
+                              check_images=space.data.check_images, on_bad_image=space.data.on_bad_image)
     configs, searched, stats = [], {}, {}
     for spec in spaces.resolve_models(space):
         searched[spec.model_id] = spec.searched
@@ -181,11 +186,21 @@ def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added:
     return folds
 
 
-def _round_manifest(space: spaces.Space, item, target: Target, classes: list[str]) -> Manifest:
+def _round_manifest(space: spaces.Space, item, target: Target, classes: list[str], key: str) -> Manifest:
     """A round's manifest, checked as the first round's (its labels must be the first round's classes)."""
     data = space.data  # image paths are relative to the space's root, as the first round's are
-    return read_manifest(item.manifest, space.root_path, target=target, classes=classes,
-                         check_images=data.check_images, on_bad_image=data.on_bad_image)
+    with _named(space, key):
+        return read_manifest(item.manifest, space.root_path, target=target, classes=classes,
+                             check_images=data.check_images, on_bad_image=data.on_bad_image)
+
+
+@contextlib.contextmanager
+def _named(space: spaces.Space, key: str):
+    """A data error of a round, prefixed with the space file and the key that named the file."""
+    try:
+        yield
+    except UserError as exc:
+        raise UserError(f"{space.path}: '{key}': {exc}") from None
 
 
 def _model_config(space: spaces.Space, spec, manifest: Manifest, target: Target, folds: pd.DataFrame,
