@@ -143,8 +143,10 @@ class GreedySelection:
         proba = np.asarray(proba)
         if proba.ndim != 3 or proba.shape[0] != len(self.weights_):
             raise UserError(f"predict needs proba of shape ({len(self.weights_)}, rows, classes); got {proba.shape}.")
-        used = np.flatnonzero(self.weights_)
-        return np.tensordot(self.weights_[used], proba[used], axes=1)
+        out = np.zeros(proba.shape[1:], dtype=np.float64)
+        for i in np.flatnonzero(self.weights_):  # the few models kept, without copying the others
+            out += self.weights_[i] * proba[i]
+        return out
 
 
 # ------------------------------------------------------------------ vectorised candidate scorers
@@ -181,24 +183,33 @@ def _multiclass_log_loss(proba, y_true):
     weight = (y_true[rows, cols] / len(y_true)).astype(dtype)
     uniform = np.all(weight == weight[0])  # hard labels: a plain mean
     weight_total = float(weight.sum(dtype=np.float64))  # 1 when y_true rows sum to 1
-    gathered = proba[:, rows, cols].astype(dtype)
-    row_sums = proba.sum(axis=2)
+    n_models, n_rows, n_classes = proba.shape
+    # Row-major: numpy's gather comes out column-major, and a block of models would be a strided read.
+    gathered = np.ascontiguousarray(proba.reshape(n_models, -1)[:, rows * n_classes + cols], dtype=dtype)
+    row_sums = proba @ np.ones(n_classes, proba.dtype)  # 5x a sum over the short last axis
     # Kaggle renormalises rows; skip the division when every row already sums to 1 (< 1e-6 effect).
-    renorm = row_sums[:, rows].astype(dtype) if np.abs(row_sums - 1).max() > 1e-6 else None
+    renorm = np.ascontiguousarray(row_sums[:, rows], dtype=dtype) if np.abs(row_sums - 1).max() > 1e-6 else None
+
+    buffer = np.empty(_CHUNK_CELLS + len(rows), dtype=dtype)  # one block's cells, reused: no page faults
 
     def score(total, n_picks, models):
         out = np.empty(len(models))
         t_cells = total[rows, cols].astype(dtype)
-        t_sums = total.sum(axis=1)[rows].astype(dtype)
+        t_sums = total.sum(axis=1)[rows].astype(dtype) if renorm is not None else None
         # log(sum / (n + 1)) = log(sum) - log(n + 1): skip the division, clip at eps * (n + 1).
         # Only the lower clip matters: values near 1 change the loss by < 1e-15.
         scale = 1.0 if renorm is not None else n_picks + 1.0
+        floor = dtype.type(EPS * scale)
         for where, idx in _chunks(models, len(rows)):
-            v = t_cells + gathered[idx]
+            block = gathered[idx]
+            v = buffer[: block.size].reshape(block.shape)
+            np.add(t_cells, block, out=v)
             if renorm is not None:
                 v /= t_sums + renorm[idx]
-            np.log(np.maximum(v, dtype.type(EPS * scale), out=v), out=v)
-            mean_log = v.sum(axis=1, dtype=np.float64) * weight[0] if uniform else v @ weight
+            if v.min() < floor:  # rare: a candidate that gives a true class (almost) nothing
+                np.maximum(v, floor, out=v)
+            np.log(v, out=v)
+            mean_log = np.einsum("ij->i", v, dtype=np.float64) * weight[0] if uniform else v @ weight
             out[where] = np.log(scale) * weight_total - mean_log
         return out
 

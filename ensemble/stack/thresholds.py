@@ -48,19 +48,35 @@ def _valid_cuts(sorted_desc: np.ndarray) -> np.ndarray:
 
 
 def best_global_threshold(y_true, proba, beta: float = 2.0, average: str = "samples") -> tuple[float, float]:
-    """The single threshold for all labels that maximises F-beta, found exactly; returns (threshold, score).
-
-    All cells are sorted once; lowering the threshold past a cell switches it on,
-    which changes one group's F (the cell's image for samples, its label for
-    macro, everything for micro) by an amount known from that group's counts at
-    that moment: its rank and cumulative true positives within the group, from
-    one sort per row (or column). A cumulative sum over the global order then
-    scores every cut. (Stable sorts order tied cells the same way in both.)
-    """
+    """The single threshold for all labels that maximises F-beta, found exactly; returns (threshold, score)."""
     y_bin, proba = _validate(y_true, proba, beta, average)
-    flat = proba.ravel()
-    order = np.argsort(-flat, kind="stable")
-    scores = flat[order]
+    return _global_search(y_bin, proba, beta, average, _sorted_cells(proba))
+
+
+def _sorted_cells(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every cell's flat index, best first; each label's rows, best first: rows x labels) from one sort.
+
+    Ties may come in any order: only cuts between distinct scores are ever taken (`_valid_cuts`),
+    and every score below sums over whole tie blocks. The labels' orders are the global order
+    grouped by label, a stable sort of small integers (numpy's radix sort)."""
+    n, m = proba.shape
+    order = np.argsort(-proba.ravel())
+    label = (order % m).astype(np.int16 if m < 2 ** 15 else np.int64)
+    by_label = order[np.argsort(label, kind="stable")] // m
+    return order, by_label.reshape(m, n).T
+
+
+def _global_search(y_bin, proba, beta, average, cells) -> tuple[float, float]:
+    """best_global_threshold on checked inputs and `_sorted_cells(proba)`.
+
+    Lowering the threshold past a cell switches it on, which changes one group's F (the cell's
+    image for samples, its label for macro, everything for micro) by an amount known from that
+    group's counts at that moment: its rank and cumulative true positives within the group (a
+    row's sort for samples, the label orders for macro). A cumulative sum over the global order
+    then scores every cut. Within a tie block the ranks may follow another order than the global
+    one, but a group's changes over a whole block telescope to the same sum."""
+    order, by_label = cells
+    scores = proba.ravel()[order]
     if average == "micro":
         hits = y_bin.ravel()[order]
         tp = np.cumsum(hits)
@@ -70,7 +86,7 @@ def best_global_threshold(y_true, proba, beta: float = 2.0, average: str = "samp
         n_groups = 1
     else:
         axis = 1 if average == "samples" else 0
-        within = np.argsort(-proba, axis=axis, kind="stable")
+        within = np.argsort(-proba, axis=1) if axis == 1 else by_label
         size = proba.shape[axis]
         ranks = np.arange(1, size + 1).reshape((1, size) if axis == 1 else (size, 1))
         rank = np.empty(proba.shape, dtype=np.int64)
@@ -119,6 +135,14 @@ class _Counts:
         self.pred_col[j] += d_pred.sum()
         self.pred[:, j] = new
 
+    def score(self, beta: float, average: str) -> float:
+        """F-beta of the current predictions (fbeta_binary's, from the counts)."""
+        if average == "samples":
+            return float(fbeta_from_counts(self.tp_row, self.true_row, self.pred_row, beta).mean())
+        if average == "macro":
+            return float(fbeta_from_counts(self.tp_col, self.true_col, self.pred_col, beta).mean())
+        return float(fbeta_from_counts(self.tp_col.sum(), self.true_col.sum(), self.pred_col.sum(), beta))
+
     def label_totals(self, j: int, order: np.ndarray, beta: float, average: str) -> np.ndarray:
         """Score for k = 0..n: label j on for its top-k rows, every other label as it is."""
         y_j, on_j = self.y[:, j], self.pred[:, j]
@@ -158,24 +182,27 @@ class LabelThresholds:
 
     def fit(self, y_true, proba) -> "LabelThresholds":
         y_bin, proba = _validate(y_true, proba, self.beta, self.average)
-        self.global_threshold_, self.global_score_ = best_global_threshold(y_bin, proba, self.beta, self.average)
+        cells = _sorted_cells(proba)  # the one sort: the global search's order, and each label's
+        self.global_threshold_, self.global_score_ = _global_search(y_bin, proba, self.beta, self.average, cells)
         thresholds = np.full(proba.shape[1], self.global_threshold_)
         pred = proba >= thresholds
-        orders = np.argsort(-proba, axis=0, kind="stable")  # each label sorted once, for every pass
+        orders = cells[1]
         sorted_desc = np.take_along_axis(proba, orders, axis=0)
+        invalid = np.zeros((len(proba) + 1, proba.shape[1]), dtype=bool)  # cuts that would split a tie
+        invalid[1:-1] = sorted_desc[:-1] == sorted_desc[1:]
         counts = _Counts(y_bin, pred)
-        self.trajectory_ = [fbeta_binary(y_bin, pred, self.beta, self.average)]
+        self.trajectory_ = [counts.score(self.beta, self.average)]
         for _ in range(_MAX_PASSES):
             moved = False
             for j in range(proba.shape[1]):
                 totals = counts.label_totals(j, orders[:, j], self.beta, self.average)
-                totals[~_valid_cuts(sorted_desc[:, j])] = -np.inf
-                k, current = int(np.argmax(totals)), int(pred[:, j].sum())
+                totals[invalid[:, j]] = -np.inf
+                k, current = int(np.argmax(totals)), int(counts.pred_col[j])
                 if totals[k] > totals[current] + _TOL:
                     thresholds[j] = _cut_threshold(sorted_desc[:, j], k)
                     counts.set_label(j, proba[:, j] >= thresholds[j])
                     moved = True
-            self.trajectory_.append(fbeta_binary(y_bin, pred, self.beta, self.average))
+            self.trajectory_.append(counts.score(self.beta, self.average))
             if not moved:
                 break
         self.thresholds_ = thresholds
