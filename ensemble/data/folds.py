@@ -13,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
 
 from ensemble.errors import UserError, format_rows
@@ -22,6 +21,12 @@ STRATEGIES = ("kfold", "stratified", "group", "stratified_group", "multilabel")
 
 # GroupKFold gained shuffle/random_state in scikit-learn 1.6; pyproject allows >= 1.3.
 _GROUP_KFOLD_SHUFFLES = "shuffle" in inspect.signature(GroupKFold).parameters
+
+
+def _multilabel_kfold(k: int, seed: int):
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # only multilabel folds need it
+
+    return MultilabelStratifiedKFold(k, shuffle=True, random_state=seed)
 
 
 def make_folds(
@@ -73,7 +78,7 @@ def make_folds(
             "kfold": lambda: KFold(k, shuffle=True, random_state=seed),
             "stratified": lambda: StratifiedKFold(k, shuffle=True, random_state=seed),
             "group": lambda: GroupKFold(k, shuffle=True, random_state=seed),
-            "multilabel": lambda: MultilabelStratifiedKFold(k, shuffle=True, random_state=seed),
+            "multilabel": lambda: _multilabel_kfold(k, seed),
         }[strategy]()
         folds = np.empty(len(y), dtype=np.int64)
         split = splitter.split(np.zeros((len(y), 1)), target, groups if strategy == "group" else None)
