@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -124,7 +125,8 @@ def tta_throughput(trained: dict, args, device: str) -> dict:
                   n_views=n_views, merge="mean", per_view=False, amp=True, mean=tuple(config["data"]["normalize"]["mean"]),
                   std=tuple(config["data"]["normalize"]["std"]), on_bad_image="raise",
                   batch=max(1, args.forward_batch // n_views))
-        predictor = Predictor(cpus=args.cpus)
+        predictor = Predictor(cpus=None)  # torch's own thread count, as the plain loop
+        predictor.device = torch.device(device)  # the checked device, even on a machine that has the other one
         predictor.predict(job, paths, 0, min(len(paths), job.batch))  # warm: model, loader, CUDA kernels
         start = time.perf_counter()
         result = predictor.predict(job, paths, 0, len(paths))
@@ -156,7 +158,8 @@ def _sync(device: str) -> None:
 
 
 def peak_memory(args, device: str) -> dict:
-    """One forward/backward with AMP per (backbone, batch, size) of the shipped spaces: peak GPU memory."""
+    """Two AMP training steps per (backbone, batch, size) of the shipped spaces: the peak GPU memory of the
+    second, which holds AdamW's moments (the first may skip its update while the loss scale settles)."""
     print("\n3. peak training memory per backbone at its space's batch and image size (one step, AMP)")
     combos = {}
     for path in sorted(REPO_SPACES.glob("*.yaml")):
@@ -177,13 +180,15 @@ def peak_memory(args, device: str) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
-        start = time.perf_counter()
-        with torch.autocast(device, enabled=amp and device == "cuda"):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        _sync(device)
+        for step in range(2):
+            start = time.perf_counter()
+            with torch.autocast(device, enabled=amp and device == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            _sync(device)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
         out[f"{backbone}@{size}x{batch}"] = {"space": space, "peak_gib": peak, "step_seconds": time.perf_counter() - start}
         print(f"   {backbone:<24} {size:>4} px x {batch:>3} ({space}): "
@@ -214,7 +219,7 @@ def ray_sweep(work: Path, args, device: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU test)")
     p.add_argument("--out", default=".", help="where gpu_check.json goes")
     p.add_argument("--backbone", help="the trained backbone [resnet50; test_resnet with --smoke]")
@@ -227,7 +232,8 @@ def main(argv=None) -> int:
         print("error: no CUDA device; use --device cpu --smoke for the CPU-safe parts.", file=sys.stderr)
         return 2
     info = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
-            "cuda": torch.version.cuda, "smoke": args.smoke}
+            "cuda": torch.version.cuda, "smoke": args.smoke,  # loader workers share batches through /dev/shm
+            "dev_shm_gib": shutil.disk_usage("/dev/shm").total / 2 ** 30 if Path("/dev/shm").exists() else None}
     print(f"gpu_check on {info['device']} (torch {info['torch']}, CUDA {info['cuda']})")
     with tempfile.TemporaryDirectory() as tmp:
         trained = train_and_resume(Path(tmp), args, args.device)

@@ -229,7 +229,8 @@ def test_fold_safe_pseudo_labels_keep_a_shuffled_fold_at_chance_while_ensemble_o
     test_csv = tmp_path / "fold0_again.csv"
     doc["rounds"] = [{"init": "scratch", "epochs": 20, "pseudo": {"from": str(test_csv), "labels": "hard"}}]
     path.write_text(yaml.safe_dump(doc))
-    pd.DataFrame({"id": ["x"], "image": ["x.png"]}).to_csv(test_csv, index=False)  # filled below, once folds exist
+    first = pd.read_csv(doc["data"]["manifest"]).head(1)  # a stand-in, checked at launch: filled once folds exist
+    first.assign(id="x").drop(columns="label").to_csv(test_csv, index=False)
     safe = tmp_path / "safe"
     configs = launch.prepare_run(load_space(str(path)), safe)
     manifest = Path(doc["data"]["manifest"])

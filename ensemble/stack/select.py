@@ -209,7 +209,8 @@ def _multiclass_log_loss(proba, y_true):
             if v.min() < floor:  # rare: a candidate that gives a true class (almost) nothing
                 np.maximum(v, floor, out=v)
             np.log(v, out=v)
-            mean_log = np.einsum("ij->i", v, dtype=np.float64) * weight[0] if uniform else v @ weight
+            mean_log = np.einsum("ij->i", v, dtype=np.float64) * weight[0] if uniform else \
+                np.einsum("ij,j->i", v, weight, dtype=np.float64)  # summed in float64 either way
             out[where] = np.log(scale) * weight_total - mean_log
         return out
 
