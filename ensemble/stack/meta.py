@@ -15,8 +15,6 @@ back. No pickles.
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,23 +56,18 @@ def fit_meta(method: str, oof: np.ndarray, y_true: np.ndarray, folds: np.ndarray
     n_classes = y_true.shape[1]
     result = MetaFit(method, np.zeros_like(y_true, dtype=np.float64), np.zeros((test.shape[1], n_classes)),
                      np.zeros_like(y_true, dtype=np.float64))
-    def fit_fold(i: int):
-        f = fold_values[i]
-        inner = fold_values[(i + 1) % len(fold_values)]  # early stopping / tuning rows: another training fold
-        train, valid, held = (folds != f) & (folds != inner), folds == inner, folds == f
-        constant = {}
-        if task == "multilabel":  # a label that never (or always) occurs in the training rows: smoothed rate
-            seen = y_true[~held]
-            rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
-            constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
-        model = create_meta_model(method, task, n_classes, smoke, seed, entropy)
-        model.fit(oof[:, train], y_true[train], oof[:, valid], y_true[valid])
-        return f, held, model, constant
-
-    # Folds in parallel, one thread each (the libraries release the GIL; inside one fold, threads cost
-    # more than they give on problems this small); summed in fold order, so the result does not depend on it.
-    with threadpool_limits(1), ThreadPoolExecutor(min(len(fold_values), _cpus())) as pool:
-        for f, held, model, constant in pool.map(fit_fold, range(len(fold_values))):
+    # BLAS on one thread (ridge / logistic are small problems); the boosters thread themselves (meta_models).
+    with threadpool_limits(1, user_api="blas"):
+        for i, f in enumerate(fold_values):
+            inner = fold_values[(i + 1) % len(fold_values)]  # early stopping / tuning rows: another training fold
+            train, valid, held = (folds != f) & (folds != inner), folds == inner, folds == f
+            constant = {}
+            if task == "multilabel":  # a label that never (or always) occurs in the training rows: smoothed rate
+                seen = y_true[~held]
+                rate = (seen.sum(axis=0) + 0.5) / (len(seen) + 1)
+                constant = {int(j): float(rate[j]) for j in np.flatnonzero(seen.min(axis=0) == seen.max(axis=0))}
+            model = create_meta_model(method, task, n_classes, smoke, seed, entropy)
+            model.fit(oof[:, train], y_true[train], oof[:, valid], y_true[valid])
             result.fold_models[f.item()] = model
             result.constant[f.item()] = constant
             result.oof[held] = _predict_fold(model, constant, oof[:, held])
@@ -84,10 +77,6 @@ def fit_meta(method: str, oof: np.ndarray, y_true: np.ndarray, folds: np.ndarray
                    "features": feature_spec(method, entropy), "folds": [f.item() for f in fold_values],
                    "constant_labels": {str(f): c for f, c in result.constant.items()}}
     return result
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _predict_fold(model, constant: dict, proba: np.ndarray) -> np.ndarray:
