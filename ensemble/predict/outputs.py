@@ -33,14 +33,10 @@ import pandas as pd
 from ensemble.errors import UserError
 from ensemble.io import write_csv, write_json, write_npy, write_parquet
 from ensemble.metrics import METRICS
-from ensemble.predict.plan import CLASSIFIER_EMB_FILES, ModelPlan
+from ensemble.predict.plan import ModelPlan
 from ensemble.predict.tta import merge_embeddings, view_names
 from ensemble.run import Run
 from ensemble.run.layout import PREDICT_FILES
-
-# Push order: a classification model's emb/test files too, predict.json still last.
-PUSH_FILES = tuple(dict.fromkeys((*PREDICT_FILES[:-1], *CLASSIFIER_EMB_FILES, PREDICT_FILES[-1])))
-assert PUSH_FILES[-1] == "predict.json"
 
 
 def write_outputs(run: Run, plan: ModelPlan, results: dict) -> dict[str, float]:
@@ -154,7 +150,7 @@ def invalidate(run: Run, out_dir) -> None:
 
 def push_outputs(run: Run, out_dir) -> None:
     """A model's outputs to the URI (nothing for a local run), predict.json last."""
-    run.push(*(out_dir / name for name in PUSH_FILES))
+    run.push(*(out_dir / name for name in PREDICT_FILES))
 
 
 def _long(keys: pd.DataFrame, per_view: np.ndarray, names: list[str], classes: list[str]) -> pd.DataFrame:

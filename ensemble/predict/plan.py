@@ -24,7 +24,6 @@ from ensemble.run.layout import EMB_FILES, PREDICT_FILES
 SMOKE_ROWS = 16  # --smoke: held-out rows per fold, and twice as many test rows
 # A classification model's embeddings (--embeddings; float16, L2-normalised, ids beside each): held-out rows by
 # their own fold's model (rows x dims), test rows as the mean of the k fold models' (rows x dims).
-CLASSIFIER_EMB_FILES = tuple(f"emb/{name}{ext}" for name in ("oof", "test") for ext in (".npy", ".ids.parquet"))
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def plan_run(run: Run, *, tta=None, merge="mean", models=None, per_view=False, f
             raise UserError(f"{model_id} is a retrieval model: its TTA views' embeddings are averaged, then "
                             "L2-normalised; drop --per-view and --merge.")
         out_dir = run.predict_dir(model_id, smoke)
-        emb = config["task"] != "retrieval" and (embeddings or run.exists(out_dir / CLASSIFIER_EMB_FILES[0]))
+        emb = config["task"] != "retrieval" and (embeddings or run.exists(out_dir / _emb_files(["oof"])[0]))
         why = None if force or smoke else outputs_done(run, out_dir, config, spec, merge, per_view, emb)
         if not why and emb and not force and not smoke and run.weights_pruned(model_id):
             why = outputs_done(run, out_dir, config, spec, merge, per_view)  # only the embeddings are missing
@@ -140,6 +139,11 @@ def read_run_folds(run: Run, config: dict) -> pd.DataFrame:
     return folds.set_index("id")
 
 
+def _emb_files(sets) -> list[str]:
+    """The emb/ files (.npy + .ids.parquet) of these sets."""
+    return [name for name in EMB_FILES if name.split("/")[1].split(".")[0] in sets]
+
+
 def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str, per_view: bool,
                  embeddings: bool = False) -> str | None:
     """Why a model's outputs can be kept, or None when it must be predicted.
@@ -150,11 +154,11 @@ def outputs_done(run: Run, model_dir: Path, config: dict, spec: str, merge: str,
     needed = ["oof_tta.parquet"] + (["test.parquet"] if config["data"].get("test_manifest") else [])
     if config["task"] == "retrieval":
         sets = ["oof"] + (["query", "gallery"] if config["data"].get("query_manifest") else [])
-        needed = [name for name in EMB_FILES if name.split("/")[1].split(".")[0] in sets]
+        needed = _emb_files(sets)
     if per_view:
         needed += ["oof_views.parquet"] + (["test_views.parquet"] if config["data"].get("test_manifest") else [])
     if embeddings and config["task"] != "retrieval":
-        needed += [name for name in CLASSIFIER_EMB_FILES if "test" not in name or config["data"].get("test_manifest")]
+        needed += _emb_files(["oof"] + (["test"] if config["data"].get("test_manifest") else []))
     # run.exists asks the URI of a URI run: its .npy embeddings are not among the pulled artifacts.
     if not (model_dir / "predict.json").exists() or not all(run.exists(model_dir / name) for name in needed):
         return None
@@ -311,5 +315,5 @@ def check_checkpoints(run: Run, plans: list[ModelPlan]) -> None:
                     "backbone differ): restore this model's own weights.pt or retrain it.")
 
 
-__all__ = ["CLASSIFIER_EMB_FILES", "Job", "ModelPlan", "PREDICT_FILES", "build_model", "check_checkpoints", "outputs_done", "plan_run",
+__all__ = ["Job", "ModelPlan", "PREDICT_FILES", "build_model", "check_checkpoints", "outputs_done", "plan_run",
            "read_run_folds"]

@@ -48,7 +48,7 @@ FOLD_FILES = ("pseudo.parquet", "hard_examples.json", "weights.pt", "oof.parquet
 CHECKPOINT_FILES = ("weights.pt", "last.pt")  # a fold's large files: weights to predict again, last to resume
 # A retrieval model's embeddings (float16, L2-normalised): held-out rows by their own fold's model (rows x dims);
 # query and gallery sets by every fold model (folds x rows x dims). Each .npy has its ids beside it.
-EMB_SETS = ("oof", "query", "gallery")
+EMB_SETS = ("oof", "query", "gallery", "test")  # retrieval: oof, query, gallery; classification (--embeddings): oof, test
 EMB_FILES = tuple(f"emb/{name}{ext}" for name in EMB_SETS for ext in (".npy", ".ids.parquet"))
 PREDICT_FILES = ("oof_tta.parquet", "test.parquet", "oof_views.parquet", "test_views.parquet", "submission.csv",
                  *EMB_FILES, "predict.json")  # predict.json last: its presence marks a complete set
