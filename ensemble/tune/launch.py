@@ -140,46 +140,45 @@ def _folds_frame(space: spaces.Space, manifest: Manifest, target: Target, run: R
     if max_rows and len(frame) > max_rows:
         frame = frame.sample(n=max_rows, random_state=space.seed).reset_index(drop=True)
     sub = manifest.subset(manifest.frame["id"].isin(frame["id"]))
-    if space.task == "retrieval":  # whole identities per fold: a held-out fold's identities are new to its model
-        y = groups = pd.factorize(sub.frame[target.column])[0]
-    else:
-        y, groups = sub.targets(), sub.groups
-        y = y if target.task == "multilabel" else y.argmax(1)
-    try:
-        fold = folds_mod.make_folds(y, space.folds.k, space.folds.strategy, space.folds.seed, groups=groups,
-                                    classes=sub.classes)
-    except UserError as exc:
-        raise UserError(f"{space.path}: 'folds.k' {space.folds.k} does not fit {manifest.path}: {exc}") from None
+    fold = _split(space, sub, target, f"{space.path}: 'folds.k' {space.folds.k} does not fit {manifest.path}")
     columns = ["id", target.column] + (["group"] if "group" in sub.frame else [])
     out = sub.frame[columns].copy()
     out.insert(1, "fold", fold)
     return out
 
 
+def _split(space: spaces.Space, rows: Manifest, target: Target, context: str) -> np.ndarray:
+    """Each row's fold by the space's strategy; a retrieval space holds out whole identities per fold (its
+    held-out identities are new to the fold's model). `context` starts the message when it cannot."""
+    if space.task == "retrieval":
+        y = groups = pd.factorize(rows.frame[target.column])[0]
+    else:
+        y, groups = rows.targets(), rows.groups
+        y = y if target.task == "multilabel" else y.argmax(1)
+    try:
+        return folds_mod.make_folds(y, space.folds.k, space.folds.strategy, space.folds.seed, groups=groups,
+                                    classes=rows.classes)
+    except UserError as exc:
+        raise UserError(f"{context}: {exc}") from None
+
+
 def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added: dict) -> pd.DataFrame:
     """folds.csv with the rows that rounds' manifests (`added`: round -> Manifest) add, appended: a row keeps
-    its fold once it has one, and each round's new rows get folds by the space's strategy."""
+    its fold once it has one, a known group's new rows join its fold, and the other new rows get folds by
+    the space's strategy."""
     for r, manifest in added.items():
         new = manifest.subset(~manifest.frame["id"].isin(folds["id"]))
         if not len(new.frame):
             continue
-        if "group" in space.folds.strategy and "group" in folds:  # a known group's new rows join its fold
-            fold_of = folds.drop_duplicates("group").set_index("group")["fold"]
-            known = new.frame["group"].astype(str).isin(fold_of.index.astype(str))
-            rows = new.frame[known][[c for c in folds.columns if c != "fold"]].copy()
-            rows.insert(1, "fold", fold_of.set_axis(fold_of.index.astype(str)).loc[rows["group"].astype(str)].to_numpy())
-            folds = pd.concat([folds, rows], ignore_index=True)
-            new = new.subset(~known.to_numpy())
-            if not len(new.frame):
-                continue
-        y, groups = new.targets(), new.groups
-        y = y if target.task == "multilabel" else y.argmax(1)
-        try:
-            fold = folds_mod.make_folds(y, space.folds.k, space.folds.strategy, space.folds.seed, groups=groups,
-                                        classes=new.classes)
-        except UserError as exc:
-            raise UserError(f"{space.path}: rounds[{r - 2}]: the {len(new.frame)} rows {manifest.path} adds cannot "
-                            f"be split into {space.folds.k} folds: {exc}") from None
+        fold = np.full(len(new.frame), -1)
+        if "group" in space.folds.strategy and "group" in folds:
+            fold_of = dict(zip(folds["group"].astype(str), folds["fold"].astype(int)))
+            fold = new.frame["group"].astype(str).map(fold_of).fillna(-1).astype(int).to_numpy()
+        unknown = fold < 0
+        if unknown.any():
+            fold[unknown] = _split(space, new.subset(unknown), target,
+                                   f"{space.path}: rounds[{r - 2}]: the {int(unknown.sum())} rows {manifest.path} adds "
+                                   f"cannot be split into {space.folds.k} folds")
         rows = new.frame[[c for c in folds.columns if c != "fold"]].copy()
         rows.insert(1, "fold", fold)
         folds = pd.concat([folds, rows], ignore_index=True)
