@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -39,3 +43,17 @@ def small_space(tmp_path: Path, demo_dir: Path, rows: int = 240, **overrides) ->
 
 def oof(run_dir: Path) -> dict[str, pd.DataFrame]:
     return {p.parent.name: pd.read_parquet(p) for p in sorted((run_dir / "models").glob("*/oof.parquet"))}
+
+
+def kill_mid_training(proc, root: Path, pattern: str, timeout: float = 240) -> None:
+    """SIGKILL `proc`'s process group once a fold whose metrics.json matches root/pattern has finished an epoch
+    while not all of them are complete (or after `timeout`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        progress = [json.loads(p.read_text()) for p in root.glob(pattern)]
+        if any(m["epochs"] >= 1 for m in progress) and not all(m["complete"] for m in progress):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

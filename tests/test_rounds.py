@@ -6,10 +6,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from sweep_fixtures import oof, small_space
+from sweep_fixtures import kill_mid_training, oof, small_space
 from test_spaces import load, load_error
 
 from ensemble.errors import UserError
@@ -313,15 +311,7 @@ def test_two_rounds_resume_after_sigkill_mid_round_two_with_identical_oof(tmp_pa
     path.write_text(yaml.safe_dump(doc))
     storage = tmp_path / "killed"
     proc = cli("--space", str(path), "--storage", str(storage), "--name", "run", "-v", "0")
-    deadline = time.time() + 300
-    while time.time() < deadline:  # a round-2 fold has finished an epoch, the round has not
-        progress = [json.loads(p.read_text()) for p in storage.glob("run/models/*-r2/fold*/metrics.json")]
-        if any(m["epochs"] >= 1 for m in progress) and not all(m["complete"] for m in progress):
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_training(proc, storage, "run/models/*-r2/fold*/metrics.json", 300)  # mid round 2
     resumed = subprocess.run([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage", str(storage),
                               "--name", "run", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

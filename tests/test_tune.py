@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sweep_fixtures import oof, read_metrics, small_space
+from sweep_fixtures import kill_mid_training, oof, read_metrics, small_space
 
 from ensemble.run import Run
 from ensemble.tune import launch as tune
@@ -87,15 +87,7 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path, demo_dir, 
     proc = cli("--space", str(path), "--storage", str(storage), "--name", "run", "-v", "0")
     run_dir = storage / "run"
     deadline = time.time() + 240
-    progress = []
-    while time.time() < deadline:  # wait until a fold has finished an epoch but not the sweep
-        progress = [json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")]
-        if any(m["epochs"] >= 1 for m in progress) and not all(m["complete"] for m in progress):
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_training(proc, run_dir, "models/*/fold*/metrics.json")  # a fold has finished an epoch, the sweep has not
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == proc.pid  # left behind by the kill
     before = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("models/*/fold*/metrics.json")}
     assert before and not all(m["complete"] for m in before.values())
