@@ -213,7 +213,7 @@ def _model_config(space: spaces.Space, spec, manifest: Manifest, target: Target,
     if spec.round == 1:
         return config
     item = space.rounds[spec.round - 2]
-    base_id = config["model_id"].rsplit("-r", 1)[0]
+    base_id = spec.model_id.removesuffix(f"-r{spec.round}")  # spaces.round_id, undone
     parent = spaces.round_id(base_id, spaces.parent_round(spec.round, item.init))
     if item.manifest:
         config["data"]["manifest"] = item.manifest

@@ -247,11 +247,6 @@ def leaderboard(run: Run, configs: list[dict]) -> pd.DataFrame:
     return board.sort_values("mean", ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
-def _round_of(model_id: str) -> int:
-    tail = model_id.rsplit("-r", 1)
-    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 1
-
-
 def print_leaderboard(board: pd.DataFrame, where: str, stream=None) -> None:
     """The leaderboard as a few readable lines, best first."""
     stream = stream or sys.stdout
@@ -261,12 +256,13 @@ def print_leaderboard(board: pd.DataFrame, where: str, stream=None) -> None:
     metric = board["metric"].iloc[0]
     k = sum(c.startswith("fold") for c in board.columns)
     width = max(20, min(48, board["model"].str.len().max()))
+    round_of = dict(zip(board["model_id"], board["round"])) if "round" in board else {}  # a gain's start has a row
     print(f"\nLeaderboard ({metric}, mean ± std over {k} folds, best first):", file=stream)
     for rank, row in enumerate(board.itertuples(index=False), 1):
         score = "-" if pd.isna(row.mean) else f"{row.mean:.4f}" + ("" if pd.isna(row.std) else f" ± {row.std:.4f}")
         folds = " ".join("-" if pd.isna(getattr(row, f"fold{f}")) else f"{getattr(row, f'fold{f}'):.4f}"
                          for f in range(k))
-        gain = "" if pd.isna(getattr(row, "gain", np.nan)) else f"  {row.gain:+.4f} vs r{_round_of(row.start)}"
+        gain = "" if pd.isna(getattr(row, "gain", np.nan)) else f"  {row.gain:+.4f} vs r{round_of[row.start]}"
         print(f"{rank:>3}. {row.model:<{width}}  {score:<17}  folds {folds}  best epochs {row.best_epochs}  "
               f"{row.state}{gain}  [{row.model_id}]", file=stream)
     print(f"Wrote {where}", file=stream)
