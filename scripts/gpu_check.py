@@ -34,10 +34,11 @@ from ensemble.models import create_model  # noqa: E402
 from ensemble.predict.plan import Job  # noqa: E402
 from ensemble.predict.pool import Predictor  # noqa: E402
 from ensemble.run import Run  # noqa: E402
-from ensemble.tune import launch  # noqa: E402
+from ensemble.tune import launch, packing  # noqa: E402
 from ensemble.tune.spaces import REPO_SPACES, load_space, resolve_models  # noqa: E402
 from ensemble.tune.train import FoldTrainer  # noqa: E402
 
+GIB = packing.GIB
 EIGHT_VIEWS = "orig,hflip,vflip,rotate:5,rotate:-5,rotate:10,rotate:-10,hflip+rotate:5"
 failures: list[str] = []
 
@@ -158,9 +159,9 @@ def _sync(device: str) -> None:
 
 
 def peak_memory(args, device: str) -> dict:
-    """Two AMP training steps per (backbone, batch, size) of the shipped spaces: the peak GPU memory of the
-    second, which holds AdamW's moments (the first may skip its update while the loss scale settles)."""
-    print("\n3. peak training memory per backbone at its space's batch and image size (one step, AMP)")
+    """What `resources: {gpu: auto}` measures (ensemble.tune.packing.training_peak) for every backbone of the
+    shipped spaces at its space's batch and image size, and the folds per GPU it would pack."""
+    print("\n3. training memory per backbone at its space's batch and image size (gpu: auto's measurement)")
     combos = {}
     for path in sorted(REPO_SPACES.glob("*.yaml")):
         space = load_space(str(path))
@@ -171,30 +172,17 @@ def peak_memory(args, device: str) -> dict:
             combos.setdefault((spec.backbone, p["batch_size"], p["image_size"], p["amp"]), path.stem)
     if args.smoke:  # the code path only: the shipped spaces' big backbones would take minutes on a CPU
         combos = {(b, 2, 32, amp): s for (b, _, _, amp), s in combos.items() if b.startswith("test_")}
+    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     out = {}
     for (backbone, batch, size, amp), space in combos.items():
-        model = create_model(backbone, 10).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(device, enabled=amp and device == "cuda")
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
-        for step in range(2):
-            start = time.perf_counter()
-            with torch.autocast(device, enabled=amp and device == "cuda"):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            _sync(device)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-        out[f"{backbone}@{size}x{batch}"] = {"space": space, "peak_gib": peak, "step_seconds": time.perf_counter() - start}
-        print(f"   {backbone:<24} {size:>4} px x {batch:>3} ({space}): "
-              + (f"{peak:6.2f} GiB" if peak is not None else "peak n/a on a CPU"))
-        del model, optimizer, x, y, loss
-    check(bool(out), "every backbone took a training step")
+        peak = packing.training_peak(backbone, 10, batch, size, amp, device=device)
+        key = f"{backbone}@{size}px/batch{batch}/amp={amp}"
+        share = packing.pack({key: peak["need_bytes"]}, total)[key] if total else None
+        out[key] = dict(peak, space=space, gpu_share=share)
+        print(f"   {backbone:<24} {size:>4} px x {batch:>3} ({space}): " + (
+            f"peak {peak['peak_bytes'] / GIB:6.2f} GiB + context {peak['context_bytes'] / GIB:.2f} GiB: "
+            f"{round(1 / share)} fold(s) per GPU (gpu {share:g})" if share else "peak n/a on a CPU"))
+    check(bool(out), "every backbone took two training steps")
     return out
 
 

@@ -35,7 +35,7 @@ def test_gpu_check_runs_its_cpu_safe_parts_without_ray_or_the_boosters(tmp_path)
     assert report["failures"] == [] and "all checks passed" in proc.stdout
     assert len(report["train"]["train_loss"]) == 2 and report["train"]["amp"] is False
     assert report["tta"]["8_views_images_per_s"] > 0 and report["tta"]["plain_loop_images_per_s"] > 0
-    assert {"test_resnet@32x2", "test_efficientnet@32x2"} <= set(report["memory"])
+    assert {"test_resnet@32px/batch2/amp=True", "test_efficientnet@32px/batch2/amp=True"} <= set(report["memory"])
     assert report["ray"] == {"skipped": "Ray is not installed"}
 
 

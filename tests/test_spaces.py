@@ -211,7 +211,7 @@ def test_numbers_written_without_a_dot_are_numbers(tmp_path):
     ({"stages": [{"epochs": 0}]}, "'stages[0].epochs' must be an integer >= 1; found 0."),
     ({"stages": [{"freeze": True}]}, "missing required key 'stages[0].epochs'"),
     ({"stages": []}, "'stages' must be a non-empty list of mappings; found []."),
-    ({"resources": {"gpu": -1}}, "'resources.gpu' must be a number >= 0; found -1."),
+    ({"resources": {"gpu": -1}}, "'resources.gpu' must be a number >= 0, or auto (measured at launch); found -1."),
     ({"resources": {"gpu": 1.5}}, "'resources.gpu' must be a number >= 0: a fraction below 1"),
     ({"resources": {"cpu": 0}}, "'resources.cpu' must be a number > 0; found 0."),
     ({"max_concurrent": 0}, "'max_concurrent' must be null or an integer >= 1; found 0."),

@@ -298,7 +298,7 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_launch_the_cluster_cannot_run_writes_nothing_and_the_corrected_command_runs(tmp_path, demo_dir):
-    """--gpus-per-trial 1 on a CPU-only cluster: refused before the first write, so the same command without it
+    """--gpus-per-trial 1 (or auto) on a CPU-only cluster: refused before the first write, so the same command without it
     starts the run; the compact display names the searched params, one line per change."""
     path = small_space(tmp_path, demo_dir, rows=120, epochs=2, search={"lr": {"grid": [0.003, 0.01]}},
                        params={"batch_size": 32, "image_size": 32})
@@ -307,6 +307,11 @@ def test_a_launch_the_cluster_cannot_run_writes_nothing_and_the_corrected_comman
     assert bad.returncode == 2 and bad.stderr.startswith("error: one fold needs") and bad.stderr.count("\n") == 1, \
         bad.stdout + bad.stderr
     assert "Nothing was written" in bad.stderr and not storage.exists()  # not even the runs/ it would have made
+    auto = run_cli("--space", path, "--storage", storage, "--name", "g", "--gpus-per-trial", "auto")
+    assert auto.returncode == 2 and auto.stderr == (
+        "error: resources.gpu: auto measures each model's training memory on a GPU, and this Ray cluster has none. "
+        "Give resources.gpu a number (0 trains on CPUs), or join a GPU cluster with --address. Nothing was written.\n")
+    assert not storage.exists()
     good = run_cli("--space", path, "--storage", storage, "--name", "g")
     assert good.returncode == 0, good.stdout + good.stderr
     lines = good.stdout.splitlines()

@@ -55,10 +55,14 @@ def split(location: str | os.PathLike) -> tuple[str, str]:
     return urlunsplit(parts._replace(path=parent)), name
 
 
-def mirror_root() -> Path:
+def cache_root() -> Path:
+    """$ENSEMBLE_CACHE_DIR, else ~/.cache/ensemble: this node's run mirrors and measured GPU memory."""
     env = os.environ.get("ENSEMBLE_CACHE_DIR")
-    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ensemble"
-    return base / "runs"
+    return Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ensemble"
+
+
+def mirror_root() -> Path:
+    return cache_root() / "runs"
 
 
 class RunStore:

@@ -19,7 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", help="run name [the space name, with -smoke under --smoke]")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, small images: a quick end-to-end check")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per fold worker (overrides resources.gpu)")
+    p.add_argument("--gpus-per-trial", help="GPUs per fold worker, or auto: measured per model (overrides resources.gpu)")
     p.add_argument("--max-concurrent", type=int, help="models in flight at once [from the cluster size]")
     p.add_argument("--address", help="join an existing Ray cluster, e.g. 'auto'")
     p.add_argument("-v", "--verbose", type=int, default=1,

@@ -322,6 +322,16 @@ def fold_slots(cluster: dict, resources: dict) -> int:
     return slots
 
 
+def model_resources(space: spaces.Space, todo: list[dict]) -> dict[str, dict]:
+    """{model_id: one fold's resources}: the space's, with `gpu: auto` replaced by the model's measured fraction."""
+    if space.resources["gpu"] != "auto":
+        return {c["model_id"]: dict(space.resources) for c in todo}
+    from ensemble.tune import packing
+
+    gpu = packing.fractions(todo, cpus=space.resources["cpu"])
+    return {model_id: dict(space.resources, gpu=fraction) for model_id, fraction in gpu.items()}
+
+
 def concurrency(slots: int, k: int) -> int:
     """Models in flight: enough folds to fill every slot, plus one model to fill the gaps."""
     return math.ceil(slots / k) + 1
@@ -350,7 +360,11 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         start_ray(address, verbose)
         import ray
 
-        slots = fold_slots(ray.cluster_resources(), space.resources)
+        resources = model_resources(space, todo)
+        slots = min(fold_slots(ray.cluster_resources(), r) for r in resources.values())
+        from ensemble.tune.trial import warm_up_workers
+
+        warm_up_workers(space.resources, slots)  # torch + timm imports overlap the writes and Tune's start
     write_plan(plan, run)
     for state in ("complete", "pruned"):
         done = [m for m, s in states.items() if s == state]
@@ -360,7 +374,7 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
     for r in sorted({c.get("round", 1) for c in todo}):  # a round starts from the one before: in order
         batch, orphans = _startable([c for c in todo if c.get("round", 1) == r], run, orphans)
         if batch:
-            errors = _tune(space, plan, batch, run, slots, max_concurrent, verbose)
+            errors = _tune(space, plan, batch, run, resources, slots, max_concurrent, verbose)
             run.pull_artifacts()  # what the trials wrote, for the leaderboard (and the next round)
         if errors or any(run.model_state(c["model_id"]) == "todo" for c in batch):  # failed or interrupted
             break
@@ -419,16 +433,15 @@ def resume_command(space: spaces.Space, location: str | Path) -> str:
     return f"python -m ensemble.tune --space {space.path} --storage {parent} --name {name} --resume"
 
 
-def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, slots: int, max_concurrent: int | None,
-          verbose: int) -> list[str]:
+def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, resources: dict[str, dict], slots: int,
+          max_concurrent: int | None, verbose: int) -> list[str]:
     """One Ray Tune run over the models still to train; returns an error line per model that failed."""
     from ray import tune
 
     from ensemble.tune.progress import SweepProgress
-    from ensemble.tune.trial import pruned_callback, run_model, warm_up_workers
+    from ensemble.tune.trial import pruned_callback, run_model
 
     limit = max_concurrent or space.max_concurrent or concurrency(slots, space.folds.k)
-    warm_up_workers(space.resources, slots)
     scheduler = None
     if space.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
@@ -448,7 +461,8 @@ def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, slot
         # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
         tune.with_resources(run_model, {"memory": 1}),
         param_space={"run": run.location, "early_stopping": dict(space.early_stopping),
-                     "resources": dict(space.resources), "model_id": tune.grid_search([c["model_id"] for c in todo])},
+                     "resources": {c["model_id"]: resources[c["model_id"]] for c in todo},
+                     "model_id": tune.grid_search([c["model_id"] for c in todo])},
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
                                     max_concurrent_trials=limit, reuse_actors=True),
         run_config=tune.RunConfig(

@@ -129,9 +129,15 @@ def _normalize(value):
 
 
 def _gpu(value):
-    value = _number(float, 0)(value)
+    if value == "auto":  # measured at launch (ensemble.tune.packing)
+        return value
+    try:
+        value = _number(float, 0)(value)
+    except ValueError:
+        raise ValueError("a number >= 0, or auto (measured at launch)") from None
     if value > 1 and not value.is_integer():
-        raise ValueError("a number >= 0: a fraction below 1 (0.5 packs two workers on a GPU) or whole GPUs")
+        raise ValueError("a number >= 0: a fraction below 1 (0.5 packs two workers on a GPU) or whole GPUs; "
+                         "or auto (measured at launch)")
     return value
 
 

@@ -372,8 +372,8 @@ class FoldTrainer:
         self.epoch += 1
         row = {"epoch": self.epoch, "train_loss": total / max(count, 1), "loss": valid_loss,
                "lr": self.optimizer.param_groups[0]["lr"], "started": started, "seconds": time.perf_counter() - start,
-               # The device Ray assigned this fold (CUDA_VISIBLE_DEVICES), for placement checks.
-               "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+               # The device Ray assigned this fold (CUDA_VISIBLE_DEVICES) and its share of it, for placement checks.
+               "device": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "gpu": self.config["resources"].get("gpu", 0)}
         row.update(self.score(proba))
         self.history.append(row)
         score = row[self.config["metric"]]
