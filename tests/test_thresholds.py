@@ -6,6 +6,7 @@ from sklearn.metrics import fbeta_score
 
 from ensemble.errors import UserError
 from ensemble.metrics import fbeta_binary
+from ensemble.stack import thresholds as thresholds_module
 from ensemble.stack.thresholds import LabelThresholds, best_global_threshold, cross_val_thresholds
 
 AVERAGES = ["samples", "micro", "macro"]
@@ -22,10 +23,22 @@ def _candidates(p):
     return np.r_[np.unique(p), np.inf]
 
 
+def _edge_cases():
+    rng = np.random.default_rng(5)
+    p = np.round(rng.random((30, 3)), 1)
+    yield np.array([[1, 0, 1]]), np.array([[0.3, 0.6, 0.3]])  # a single row, tied
+    yield np.zeros((30, 3), dtype=int), p  # nothing true: F is 0 everywhere
+    yield np.ones((30, 3), dtype=int), p  # everything true
+    yield (rng.random((30, 3)) < 0.4), np.full((30, 3), 0.5)  # one score for all
+    yield (rng.random((40, 1)) < 0.4), np.round(rng.random((40, 1)), 1)  # one label
+
+
 @pytest.mark.parametrize("average", AVERAGES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_global_threshold_is_exact(average, seed):
+@pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (3.0, -1.0), (1e3, 500.0)])  # probabilities, then any scores
+def test_global_threshold_is_exact(average, seed, scale, shift):
     y, p = _data(seed=seed)
+    p = p * scale + shift
     thr, score = best_global_threshold(y, p, 2.0, average)
     brute = max(fbeta_binary(y, p >= t, 2.0, average) for t in _candidates(p))
     assert score == pytest.approx(brute, abs=1e-12)
@@ -33,9 +46,21 @@ def test_global_threshold_is_exact(average, seed):
 
 
 @pytest.mark.parametrize("average", AVERAGES)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_per_label_search_is_a_coordinate_optimum(average, seed):
-    y, p = _data(seed=seed)
+@pytest.mark.parametrize("case", range(5))
+def test_global_threshold_is_exact_on_edge_cases(average, case):
+    y, p = list(_edge_cases())[case]
+    thr, score = best_global_threshold(y, p, 2.0, average)
+    brute = max(fbeta_binary(y, p >= t, 2.0, average) for t in _candidates(p))
+    assert score == pytest.approx(brute, abs=1e-12)
+    assert fbeta_binary(y, p >= thr, 2.0, average) == pytest.approx(score, abs=1e-12)
+    est = LabelThresholds(2.0, average).fit(y, p)
+    assert est.score(y, p) == pytest.approx(est.score_, abs=1e-12) and est.score_ >= score - 1e-12
+
+
+@pytest.mark.parametrize("average", AVERAGES)
+@pytest.mark.parametrize("seed, n, c", [(0, 80, 5), (1, 80, 5), (2, 3000, 3)])  # 3000 rows: buckets of several rows
+def test_per_label_search_is_a_coordinate_optimum(average, seed, n, c):
+    y, p = _data(n=n, c=c, seed=seed)
     est = LabelThresholds(2.0, average).fit(y, p)
     assert est.score(y, p) == pytest.approx(est.score_, abs=1e-12)
     assert est.score_ >= est.global_score_ - 1e-12
@@ -45,6 +70,38 @@ def test_per_label_search_is_a_coordinate_optimum(average, seed):
             thresholds = est.thresholds_.copy()
             thresholds[j] = t
             assert fbeta_binary(y, p >= thresholds, 2.0, average) <= est.score_ + 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 200, 3000])
+@pytest.mark.parametrize("spread", ["ties", "continuous", "one_score", "too_close", "too_far"])
+def test_cut_search_finds_the_best_cut_and_breaks_ties_upwards(n, spread):
+    rng = np.random.default_rng(n)
+    scores = {
+        "ties": np.round(rng.random(n), 2),
+        "continuous": rng.random(n),
+        "one_score": np.full(n, 0.25),
+        "too_close": 5e-324 * rng.integers(0, 3, n),  # a bucket scale would overflow: one bucket
+        "too_far": np.where(rng.random(n) < 0.5, -1e308, 1e308) * rng.random(n),  # the span overflows
+    }[spread]
+    # weights on a 1/8 grid, many exactly 0: every sum is exact, so ties are exact and must go to the top
+    weights = rng.integers(-6, 3, n) / 8 * (rng.random(n) < 0.7)
+    search = thresholds_module._CutSearch(scores)
+    threshold, value = search.best(weights, 1e-9)
+    cuts = np.r_[np.inf, np.unique(scores)[::-1]]  # every set a threshold can pick, highest threshold first
+    values = np.array([weights[scores >= t].sum() for t in cuts])
+    best = int(np.argmax(values))  # the first: the highest threshold among the best
+    assert value == values[best]
+    np.testing.assert_array_equal(scores >= threshold, scores >= cuts[best])
+
+
+def test_f_lookup_table_and_computed_f_agree(monkeypatch):
+    y, p = _data(n=300, c=6, seed=6)
+    fitted = LabelThresholds().fit(y, p)
+    monkeypatch.setattr(thresholds_module, "_MAX_TABLE", 0)  # no table: codes decoded, F computed
+    computed = LabelThresholds().fit(y, p)
+    np.testing.assert_array_equal(fitted.thresholds_, computed.thresholds_)
+    assert fitted.global_threshold_ == computed.global_threshold_
+    assert fitted.trajectory_ == computed.trajectory_
 
 
 def test_beats_the_grid_loop_public_kernels_used():

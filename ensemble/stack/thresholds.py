@@ -3,17 +3,37 @@
 `LabelThresholds.fit` starts from the best single global threshold and runs
 greedy coordinate ascent over the labels: for one label, with every other
 label's predictions held fixed, it finds the exactly best threshold, then moves
-on; passes repeat until no label improves. So the result is never worse than the
-best global threshold.
+on, round and round, until every label has been searched since the last move
+(the last mover itself needs no second look: its search leaves it out). So the
+result is never worse than the best global threshold, and no single label can
+improve it.
 
-The exact search for one label sorts that label's scores once; predicting the
-top k rows positive is the only thing a threshold can do, so it scores every
-k at once with cumulative sums and keeps the best k that falls between two
-distinct scores (the threshold is the midpoint). For samples-averaging (Planet's
-mean per-image F2) each image contributes F_i(label on) - F_i(label off),
-computed from that image's counts with the label under search left out; micro
-and macro work from the label's cumulative true-positive count. No Python
-loop over candidate thresholds.
+Both searches solve one problem: cells with scores and weights (a cell's change
+in the summed F when the threshold drops past it); the best threshold t
+maximises the sum of the weights of the cells with score >= t, over the t that
+fall between two distinct scores (ties are never split). `_CutSearch` solves it
+without sorting the cells: it cuts the score axis into buckets (a monotone
+function of the score, so a tie never straddles two), sums the weights per
+bucket with np.bincount and gets every bucket boundary's value from a cumulative
+sum. No cut inside a bucket can beat the value above it plus the bucket's
+positive weights, so only the few buckets whose bound reaches the best boundary
+are sorted and scanned. Cuts within a rounding tolerance of the best are ties,
+won by the highest threshold.
+
+The weights:
+
+- Global search: a cell's weight follows from its rank and cumulative true
+  positives within its group (the image for samples-averaging, the label for
+  macro, everything for micro), so only the groups are sorted. For Planet's
+  mean per-image F2 that is 40k sorts of 17 scores (packed with the truth into
+  integer keys), not one sort of 688k cells. Within a tie block the ranks may
+  follow any order: a group's changes over the whole block telescope.
+- Per-label search, samples-averaging: an image's weight is F_i(label on) -
+  F_i(label off), from its counts with the label left out. The counts
+  (n_true, tp, n_pred) are small integers, kept as one integer code per image,
+  and F is read from a table over all codes (`_FTable`) instead of computed.
+- Per-label search, micro and macro: the label's rows in score order (sorted
+  once), weighted from the label's cumulative true positives.
 
 Predictions are `proba >= threshold`; F-beta counts 0/0 as 0 like scikit-learn.
 """
@@ -25,82 +45,174 @@ import numpy as np
 from ensemble.errors import UserError
 from ensemble.metrics import AVERAGES, fbeta_binary, fbeta_from_counts
 
-_TOL = 1e-12  # a label moves only when the score improves by more than rounding
+_TOL = 1e-12  # a label moves only when the score improves by more than rounding; closer cuts are ties
 _MAX_PASSES = 100  # coordinate ascent converges in a few passes; this only bounds a pathological case
-
-
-def _cut_threshold(sorted_desc: np.ndarray, k: int) -> float:
-    """A threshold that makes exactly the top-k of `sorted_desc` positive under `>=`."""
-    if k == 0:
-        return float(np.nextafter(max(sorted_desc[0], 1.0), np.inf))
-    if k == len(sorted_desc):
-        return float(min(sorted_desc[-1], 0.0))
-    hi, lo = sorted_desc[k - 1], sorted_desc[k]
-    mid = (hi + lo) / 2
-    return float(mid if lo < mid <= hi else hi)
-
-
-def _valid_cuts(sorted_desc: np.ndarray) -> np.ndarray:
-    """Mask over k = 0..n: True where a threshold can separate the top k (no tie split)."""
-    valid = np.ones(len(sorted_desc) + 1, dtype=bool)
-    valid[1:-1] = sorted_desc[:-1] != sorted_desc[1:]
-    return valid
+_CELLS_PER_BUCKET = 8  # _CutSearch's bucket size on average
+_MAX_BUCKETS = 1 << 16
+_MAX_TABLE = 1 << 20  # _FTable's most entries
 
 
 def best_global_threshold(y_true, proba, beta: float = 2.0, average: str = "samples") -> tuple[float, float]:
     """The single threshold for all labels that maximises F-beta, found exactly; returns (threshold, score)."""
     y_bin, proba = _validate(y_true, proba, beta, average)
-    return _global_search(y_bin, proba, beta, average, _sorted_cells(proba))
+    return _global_search(y_bin, proba, beta, average)
 
 
-def _sorted_cells(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(every cell's flat index, best first; each label's rows, best first: rows x labels) from one sort.
+def _global_search(y_bin, proba, beta, average, ranked=None) -> tuple[float, float]:
+    """best_global_threshold on checked inputs: each cell's weight from its group's counts, then one cut search.
 
-    Ties may come in any order: only cuts between distinct scores are ever taken (`_valid_cuts`),
-    and every score below sums over whole tie blocks. The labels' orders are the global order
-    grouped by label, a stable sort of small integers (numpy's radix sort)."""
+    Lowering the threshold past a cell switches it on, which changes its group's F by an amount known
+    from that group's counts at that moment: the cell's rank and cumulative true positives within
+    the group, from a sort of the group alone. `ranked`: `_rank_labels`' result, where the caller
+    has it (micro and macro)."""
     n, m = proba.shape
-    order = np.argsort(-proba.ravel())
-    label = (order % m).astype(np.int16 if m < 2 ** 15 else np.int64)
-    by_label = order[np.argsort(label, kind="stable")] // m
-    return order, by_label.reshape(m, n).T
+    if average == "samples":  # groups are images
+        scores, gains = _image_gains(y_bin, proba, beta)
+        threshold, total = _CutSearch(scores.ravel()).best(gains.ravel(), _TOL * n)
+        return threshold, total / n
+    scores, hits = _rank_labels(proba.T, y_bin.T) if ranked is None else ranked  # groups are labels (macro)
+    if average == "micro":  # one group: merge the labels' sorted runs (a stable sort finds and merges them)
+        order = np.argsort(-scores.ravel(), kind="stable")
+        scores, hits = scores.ravel()[order][None], hits.ravel()[order][None]
+    tp = np.cumsum(hits, axis=1)
+    n_true = hits.sum(axis=1, keepdims=True)
+    rank = np.arange(1, scores.shape[1] + 1)
+    gains = fbeta_from_counts(tp, n_true, rank, beta) - fbeta_from_counts(tp - hits, n_true, rank - 1, beta)
+    threshold, total = _CutSearch(scores.ravel()).best(gains.ravel(), _TOL * len(scores))
+    return threshold, total / len(scores)
 
 
-def _global_search(y_bin, proba, beta, average, cells) -> tuple[float, float]:
-    """best_global_threshold on checked inputs and `_sorted_cells(proba)`.
+def _image_gains(y_bin, proba, beta) -> tuple[np.ndarray, np.ndarray]:
+    """Samples-averaging: each image's scores, best first, and each one's change in the image's F.
 
-    Lowering the threshold past a cell switches it on, which changes one group's F (the cell's
-    image for samples, its label for macro, everything for micro) by an amount known from that
-    group's counts at that moment: its rank and cumulative true positives within the group (a
-    row's sort for samples, the label orders for macro). A cumulative sum over the global order
-    then scores every cut. Within a tie block the ranks may follow another order than the global
-    one, but a group's changes over a whole block telescope to the same sum."""
-    order, by_label = cells
-    scores = proba.ravel()[order]
-    if average == "micro":
-        hits = y_bin.ravel()[order]
-        tp = np.cumsum(hits)
-        rank = np.arange(1, len(order) + 1)
-        n_true = y_bin.sum()
-        delta = fbeta_from_counts(tp, n_true, rank, beta) - fbeta_from_counts(tp - hits, n_true, rank - 1, beta)
-        n_groups = 1
-    else:
-        axis = 1 if average == "samples" else 0
-        within = np.argsort(-proba, axis=1) if axis == 1 else by_label
-        size = proba.shape[axis]
-        ranks = np.arange(1, size + 1).reshape((1, size) if axis == 1 else (size, 1))
-        rank = np.empty(proba.shape, dtype=np.int64)
-        np.put_along_axis(rank, within, np.broadcast_to(ranks, proba.shape), axis=axis)
-        tp = np.empty(proba.shape, dtype=np.int64)
-        np.put_along_axis(tp, within, np.cumsum(np.take_along_axis(y_bin, within, axis=axis), axis=axis), axis=axis)
-        n_true = y_bin.sum(axis=axis, keepdims=True)
-        delta = (fbeta_from_counts(tp, n_true, rank, beta)
-                 - fbeta_from_counts(tp - y_bin, n_true, rank - 1, beta)).ravel()[order]
-        n_groups = proba.shape[1 - axis]
-    total = np.r_[0.0, np.cumsum(delta)] / n_groups
-    total[~_valid_cuts(scores)] = -np.inf
-    k = int(np.argmax(total))
-    return _cut_threshold(scores, k), float(total[k])
+    An image's counts with its top k scores on are the code of its (n_true, 0, 0) plus the steps of
+    those k cells; F of each prefix, differenced along the row, gives each cell's change."""
+    m = proba.shape[1]
+    scores, step = _sort_rows(proba, y_bin)
+    step *= m + 1  # a cell switched on adds 1 to n_pred and, if true, 1 to tp (`_FTable.code`)
+    step += 1
+    on = np.cumsum(step, axis=1, out=step)  # tp and n_pred's part of the code
+    n_true = (on[:, -1] - m) // (m + 1)
+    f = _FTable(beta, int(n_true.max()), m)
+    on += f.code(n_true, 0, 0)[:, None]
+    f_on = f(on)
+    gains = np.empty_like(f_on)
+    gains[:, 0] = f_on[:, 0]  # F with nothing on is 0
+    np.subtract(f_on[:, 1:], f_on[:, :-1], out=gains[:, 1:])
+    return scores, gains
+
+
+def _sort_rows(proba, y_bin) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's scores, best first, and its 0/1 truth in the same order as integers (ties in any order).
+
+    Scores in [0, 2) (probabilities) sort as their bit patterns, shifted left one place to carry
+    the truth in the lowest bit, and complemented to sort best first: one sort of integers."""
+    bits = proba.view(np.uint64)
+    if bits.max() < np.uint64(1 << 62):  # sign bit and the exponent's top bit clear
+        keys = bits << np.uint64(1)
+        keys |= y_bin
+        np.invert(keys, out=keys)
+        keys.sort(axis=1)
+        np.invert(keys, out=keys)
+        scores = (keys >> np.uint64(1)).view(np.float64)
+        keys &= np.uint64(1)
+        return scores, keys.view(np.intp)
+    order = np.argsort(-proba, axis=1)
+    return np.take_along_axis(proba, order, axis=1), np.take_along_axis(y_bin, order, axis=1).astype(np.intp)
+
+
+def _rank_labels(columns, y_cols) -> tuple[np.ndarray, np.ndarray]:
+    """Each label's scores, best first, and their 0/1 truth in the same order (labels x rows)."""
+    order = np.argsort(-columns, axis=1)
+    return np.take_along_axis(columns, order, axis=1), np.take_along_axis(y_cols, order, axis=1)
+
+
+class _CutSearch:
+    """The best cut of fixed scores for any weights: max over t of weights[scores >= t].sum(), exactly.
+
+    The score axis is cut into `n_buckets` buckets numbered from the top; a score's bucket is a
+    monotone function of it (the floor of an affine map), so a bucket boundary never splits a tie.
+    `slot` holds twice each score's bucket."""
+
+    def __init__(self, scores: np.ndarray):
+        self.scores = scores
+        self.top, self.bottom = scores.max(), scores.min()
+        self.n_buckets = int(min(max(len(scores) // _CELLS_PER_BUCKET, 1), _MAX_BUCKETS))
+        span = float(self.top) - float(self.bottom)
+        scale = (2 * self.n_buckets - 1) / span if span > 0 else 0.0  # below 2 x n_buckets after rounding
+        if 0 < scale < np.inf:  # else one bucket: all scores equal, or too far apart or too close to scale
+            at = np.subtract(self.top, scores)
+            at *= scale
+            self.slot = at.astype(np.intp)  # 2 x bucket: bincount's key, + 1 for a positive weight
+            self.slot &= -2
+        else:
+            self.slot = np.zeros(len(scores), dtype=np.intp)
+
+    def best(self, weights: np.ndarray, tol: float) -> tuple[float, float]:
+        """(threshold, value) of the best cut; the empty cut (value 0) counts. Values within tol of the
+        best are ties, won by the highest threshold."""
+        split = np.bincount(self.slot + (weights > 0), weights, 2 * self.n_buckets)
+        neg, pos = split[0::2], split[1::2]
+        ends = np.cumsum(neg + pos)  # value with buckets 0..b on
+        starts = np.concatenate(([0.0], ends[:-1]))
+        best_end = max(ends.max(), 0.0)
+        # a bucket's inner cuts reach at most its start plus its positive weights; keep the buckets that
+        # could tie the best boundary, with room for the rounding of these sums
+        rounding = 4 * np.finfo(float).eps * (len(weights) + self.n_buckets) * (pos.sum() - neg.sum())
+        keep = starts + pos >= best_end - tol - rounding
+        inside = np.flatnonzero(np.repeat(keep, 2)[self.slot])  # the cells in kept buckets
+        inside = inside[np.argsort(-self.scores[inside])]  # the candidate buckets, each in score order
+        slot, score, cum = self.slot[inside], self.scores[inside], np.cumsum(weights[inside])
+        first = np.diff(slot, prepend=-2) != 0  # each candidate bucket's top cell
+        offset = starts[slot[first] // 2] - (cum - weights[inside])[first]
+        values = cum + offset[np.cumsum(first) - 1]  # value with the bucket on down to this cell
+        inner = np.zeros(len(inside), dtype=bool)  # the next cell is in the same bucket, with a lower score
+        inner[:-1] = ~first[1:] & (score[1:] < score[:-1])
+        values[~inner] = -np.inf
+        best = max(best_end, values.max(initial=-np.inf))
+        near = best - tol
+        if 0.0 >= near:
+            return float(np.nextafter(max(self.top, 1.0), np.inf)), 0.0
+        b = int(np.argmax(ends >= near)) if best_end >= near else self.n_buckets
+        if values.max(initial=-np.inf) >= near:
+            i = int(np.argmax(values >= near))
+            if slot[i] <= 2 * b:  # an inner cut of bucket b or above comes before boundary b
+                return _midpoint(score[i], score[i + 1]), float(values[i])
+        below = np.where(self.slot > 2 * b, self.scores, -np.inf).max()  # (where= reductions are slow)
+        if below == -np.inf:
+            return float(min(self.bottom, 0.0)), float(ends[b])
+        return _midpoint(self.scores[self.slot == 2 * b].min(), below), float(ends[b])  # bucket b is not empty
+
+
+class _FTable:
+    """F-beta of small integer counts, looked up by a code for (n_true, tp, n_pred).
+
+    Holds fbeta_from_counts' values; one that would be too large is not built, and codes are then
+    decoded and F computed."""
+
+    def __init__(self, beta: float, max_true: int, max_pred: int):
+        self.beta = beta
+        self.shape = (max_true + 1, max_true + 1, max_pred + 1)
+        size = self.shape[0] * self.shape[1] * self.shape[2]
+        self.table = self.decoded(np.arange(size)) if size <= _MAX_TABLE else None
+
+    def code(self, n_true, tp, n_pred):
+        """The counts' code: n_pred in the units, tp in steps of max_pred + 1, n_true above both."""
+        return (n_true * self.shape[1] + tp) * self.shape[2] + n_pred
+
+    def decoded(self, code):
+        n_true, rest = np.divmod(code, self.shape[1] * self.shape[2])
+        tp, n_pred = np.divmod(rest, self.shape[2])
+        return fbeta_from_counts(tp, n_true, n_pred, self.beta)
+
+    def __call__(self, code):
+        return self.decoded(code) if self.table is None else np.take(self.table, code)
+
+
+def _midpoint(hi: float, lo: float) -> float:
+    """A threshold t with lo < t <= hi: the midpoint where it lies strictly above lo."""
+    mid = (hi + lo) / 2
+    return float(mid if lo < mid <= hi else hi)
 
 
 def _validate(y_true, proba, beta, average) -> tuple[np.ndarray, np.ndarray]:
@@ -110,58 +222,71 @@ def _validate(y_true, proba, beta, average) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"The 'beta' parameter must be > 0. Got {beta!r} instead.")
     y_true = np.asarray(y_true)
     proba = np.asarray(proba, dtype=np.float64)
-    if proba.ndim != 2 or y_true.shape != proba.shape or len(proba) == 0:
+    if proba.ndim != 2 or y_true.shape != proba.shape or proba.size == 0:
         raise UserError(f"y_true and proba must be non-empty rows x labels of one shape; got {y_true.shape} and {proba.shape}.")
-    if not np.isfinite(proba).all():
+    if not (np.isfinite(proba.min()) and np.isfinite(proba.max())):  # NaN propagates
         raise UserError("proba holds NaN or inf; thresholds need finite scores.")
     return y_true >= 0.5, proba
 
 
-class _Counts:
-    """Per-image and per-label counts of the current predictions, updated one label at a time."""
+class _ImageGains:
+    """Samples-averaging: each image's counts as an `_FTable` code, updated one label at a time.
 
-    def __init__(self, y_bin: np.ndarray, pred: np.ndarray):
-        self.y, self.pred = y_bin, pred  # pred is updated in place
-        hit = pred & y_bin
-        self.tp_row, self.pred_row, self.true_row = hit.sum(axis=1), pred.sum(axis=1), y_bin.sum(axis=1)
-        self.tp_col, self.pred_col, self.true_col = hit.sum(axis=0), pred.sum(axis=0), y_bin.sum(axis=0)
+    `on` and `step` are labels x rows: the predictions, and the code's change when the label goes on."""
+
+    def __init__(self, y_cols: np.ndarray, on: np.ndarray, beta: float):
+        n_true = y_cols.sum(axis=0)
+        self.f = _FTable(beta, int(n_true.max()), len(y_cols))
+        self.on = on
+        width = self.f.shape[2]  # tp's unit in a code
+        self.step = y_cols * np.min_scalar_type(width + 1).type(width)  # one byte each, up to 254 labels
+        self.step += 1
+        self.code = self.f.code(n_true, (on & y_cols).sum(axis=0), on.sum(axis=0))
+        self.f_now = self.f(self.code)
+
+    def gains(self, j: int) -> tuple[np.ndarray, float]:
+        """Each image's change in F when label j goes from off to on, every other label as it is; and
+        their total over the images where label j is on now."""
+        off = self.code - self.step[j] * self.on[j]
+        f_off = self.f(off)
+        off += self.step[j]
+        return self.f(off) - f_off, float(self.f_now.sum() - f_off.sum())
 
     def set_label(self, j: int, new: np.ndarray) -> None:
-        d_pred = new.astype(np.int64) - self.pred[:, j]
-        d_tp = d_pred * self.y[:, j]
-        self.tp_row += d_tp
-        self.pred_row += d_pred
-        self.tp_col[j] += d_tp.sum()
-        self.pred_col[j] += d_pred.sum()
-        self.pred[:, j] = new
+        self.code += self.step[j] * (new.astype(np.intp) - self.on[j])
+        self.on[j] = new
+        self.f_now = self.f(self.code)
 
-    def score(self, beta: float, average: str) -> float:
+    def score(self) -> float:
+        return float(self.f_now.mean())
+
+
+class _RankedGains:
+    """Micro and macro: per-label counts; a label's rows weighted in score order (`hits`: their truth)."""
+
+    def __init__(self, y_cols: np.ndarray, on: np.ndarray, beta: float, average: str, hits: np.ndarray):
+        self.y, self.beta, self.average, self.hits = y_cols, beta, average, hits
+        self.tp, self.pred, self.true = (on & y_cols).sum(axis=1), on.sum(axis=1), y_cols.sum(axis=1)
+
+    def gains(self, j: int) -> tuple[np.ndarray, float]:
+        """The change in F as label j's k-th row in score order goes on; and their total over the rows on now."""
+        k = np.arange(self.hits.shape[1] + 1)
+        tp = np.r_[0, np.cumsum(self.hits[j])]
+        if self.average == "micro":
+            rest_tp, rest_pred = self.tp.sum() - self.tp[j], self.pred.sum() - self.pred[j]
+            totals = fbeta_from_counts(rest_tp + tp, self.true.sum(), rest_pred + k, self.beta)
+        else:
+            totals = fbeta_from_counts(tp, self.true[j], k, self.beta)
+        return np.diff(totals), float(totals[self.pred[j]] - totals[0])
+
+    def set_label(self, j: int, new: np.ndarray) -> None:
+        self.tp[j], self.pred[j] = np.count_nonzero(new & self.y[j]), np.count_nonzero(new)
+
+    def score(self) -> float:
         """F-beta of the current predictions (fbeta_binary's, from the counts)."""
-        if average == "samples":
-            return float(fbeta_from_counts(self.tp_row, self.true_row, self.pred_row, beta).mean())
-        if average == "macro":
-            return float(fbeta_from_counts(self.tp_col, self.true_col, self.pred_col, beta).mean())
-        return float(fbeta_from_counts(self.tp_col.sum(), self.true_col.sum(), self.pred_col.sum(), beta))
-
-    def label_totals(self, j: int, order: np.ndarray, beta: float, average: str) -> np.ndarray:
-        """Score for k = 0..n: label j on for its top-k rows, every other label as it is."""
-        y_j, on_j = self.y[:, j], self.pred[:, j]
-        n = len(y_j)
-        if average == "samples":
-            tp_rest = self.tp_row - (on_j & y_j)
-            pred_rest = self.pred_row - on_j
-            f_off = fbeta_from_counts(tp_rest, self.true_row, pred_rest, beta)
-            gain = fbeta_from_counts(tp_rest + y_j, self.true_row, pred_rest + 1, beta) - f_off
-            return (f_off.sum() + np.r_[0.0, np.cumsum(gain[order])]) / n
-        tp_cum = np.r_[0, np.cumsum(y_j[order])]
-        k = np.arange(n + 1)
-        if average == "micro":
-            tp_rest = self.tp_col.sum() - self.tp_col[j]
-            pred_rest = self.pred_col.sum() - self.pred_col[j]
-            return fbeta_from_counts(tp_rest + tp_cum, self.true_col.sum(), pred_rest + k, beta)
-        per_label = fbeta_from_counts(self.tp_col, self.true_col, self.pred_col, beta)
-        rest = per_label.sum() - per_label[j]
-        return (rest + fbeta_from_counts(tp_cum, self.true_col[j], k, beta)) / len(per_label)
+        if self.average == "macro":
+            return float(fbeta_from_counts(self.tp, self.true, self.pred, self.beta).mean())
+        return float(fbeta_from_counts(self.tp.sum(), self.true.sum(), self.pred.sum(), self.beta))
 
 
 class LabelThresholds:
@@ -173,7 +298,9 @@ class LabelThresholds:
 
     Fitted attributes: `thresholds_` (one per label), `score_` (in-sample F),
     `global_threshold_` and `global_score_` (the best single threshold, the
-    starting point), `trajectory_` (score after each pass), `n_passes_`.
+    starting point), `trajectory_` (the starting score, then the score after
+    each pass over the labels), `n_passes_`. The last pass stops as soon as
+    every label has been searched since the last move, part-way or at its end.
     """
 
     def __init__(self, beta: float = 2.0, average: str = "samples"):
@@ -182,29 +309,36 @@ class LabelThresholds:
 
     def fit(self, y_true, proba) -> "LabelThresholds":
         y_bin, proba = _validate(y_true, proba, self.beta, self.average)
-        cells = _sorted_cells(proba)  # the one sort: the global search's order, and each label's
-        self.global_threshold_, self.global_score_ = _global_search(y_bin, proba, self.beta, self.average, cells)
-        thresholds = np.full(proba.shape[1], self.global_threshold_)
-        pred = proba >= thresholds
-        orders = cells[1]
-        sorted_desc = np.take_along_axis(proba, orders, axis=0)
-        invalid = np.zeros((len(proba) + 1, proba.shape[1]), dtype=bool)  # cuts that would split a tie
-        invalid[1:-1] = sorted_desc[:-1] == sorted_desc[1:]
-        counts = _Counts(y_bin, pred)
-        self.trajectory_ = [counts.score(self.beta, self.average)]
-        for _ in range(_MAX_PASSES):
-            moved = False
-            for j in range(proba.shape[1]):
-                totals = counts.label_totals(j, orders[:, j], self.beta, self.average)
-                totals[invalid[:, j]] = -np.inf
-                k, current = int(np.argmax(totals)), int(counts.pred_col[j])
-                if totals[k] > totals[current] + _TOL:
-                    thresholds[j] = _cut_threshold(sorted_desc[:, j], k)
-                    counts.set_label(j, proba[:, j] >= thresholds[j])
-                    moved = True
-            self.trajectory_.append(counts.score(self.beta, self.average))
-            if not moved:
-                break
+        n, m = proba.shape
+        columns, y_cols = np.ascontiguousarray(proba.T), np.ascontiguousarray(y_bin.T)
+        if self.average == "samples":  # each label's rows in their own order
+            self.global_threshold_, self.global_score_ = _global_search(y_bin, proba, self.beta, self.average)
+            on = columns >= self.global_threshold_
+            counts = _ImageGains(y_cols, on, self.beta)
+            searches = [_CutSearch(col) for col in columns]
+        else:  # each label's rows in score order
+            ranked = _rank_labels(columns, y_cols)
+            self.global_threshold_, self.global_score_ = _global_search(y_bin, proba, self.beta, self.average, ranked)
+            on = columns >= self.global_threshold_
+            counts = _RankedGains(y_cols, on, self.beta, self.average, ranked[1])
+            searches = [_CutSearch(scores) for scores in ranked[0]]
+        thresholds = np.full(m, self.global_threshold_)
+        tol = _TOL * {"samples": n, "macro": m, "micro": 1}[self.average]
+        self.trajectory_ = [counts.score()]
+        settled = 0  # labels searched in a row without moving; all of them: no label can move
+        while settled < m and len(self.trajectory_) <= _MAX_PASSES:
+            for j, search in enumerate(searches):
+                gains, current = counts.gains(j)
+                threshold, best = search.best(gains, tol)
+                if best > current + tol:
+                    thresholds[j] = threshold
+                    counts.set_label(j, columns[j] >= threshold)
+                    settled = 1  # label j is at its best: its gains leave it out, only others' moves change them
+                else:
+                    settled += 1
+                if settled == m:
+                    break
+            self.trajectory_.append(counts.score())
         self.thresholds_ = thresholds
         self.score_ = self.trajectory_[-1]
         self.n_passes_ = len(self.trajectory_) - 1
