@@ -62,6 +62,7 @@ def load_error(tmp_path: Path, changes: dict, base: dict = BASE) -> str:
 
 @pytest.mark.parametrize("name,n_models,k,metric", [
     ("demo", 4, 3, "log_loss"),
+    ("demo_albumentations", 4, 3, "log_loss"),
     ("demo_plus", 6, 3, "log_loss"),
     ("demo_rounds", 8, 3, "log_loss"),
     ("pnasnet_kfold", 1, 5, "log_loss"),
@@ -82,7 +83,7 @@ def test_shipped_space_loads_and_resolves(name, n_models, k, metric):
 
 def test_every_shipped_space_is_tested():
     assert sorted(p.stem for p in SHIPPED.glob("*.yaml")) == sorted(
-        ["demo", "demo_plus", "demo_rounds", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes",
+        ["demo", "demo_albumentations", "demo_plus", "demo_rounds", "pnasnet_kfold", "driver_groupkfold", "fashionai_attributes",
          "planet_multilabel", "demo_retrieval", "digix_retrieval"])
 
 
@@ -438,7 +439,7 @@ def test_unknown_space_lists_available_and_nearest():
         find_space("planet_multilable")
     message = str(info.value)
     assert "No space 'planet_multilable'" in message and "Did you mean 'planet_multilabel'?" in message
-    assert "Available spaces: ['demo', 'demo_plus', 'demo_retrieval', 'demo_rounds', 'digix_retrieval', " \
+    assert "Available spaces: ['demo', 'demo_albumentations', 'demo_plus', 'demo_retrieval', 'demo_rounds', 'digix_retrieval', " \
            "'driver_groupkfold', 'fashionai_attributes', 'planet_multilabel', 'pnasnet_kfold']" in message
 
 

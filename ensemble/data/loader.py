@@ -1,9 +1,9 @@
 """From image files to batches: the Dataset, the DataLoader factory, the decoded cache, normalisation.
 
 Per image: decode -> preprocess (a deterministic view chain, e.g. `pad`) -> resize
-to S x S -> [cached as uint8] -> train-time augmentation or TTA views. Batches stay
-uint8 until `normalize_batch`, one vectorised step per batch (on the GPU when
-there is one).
+to S x S -> [cached as uint8] -> train-time augmentation (named views or an albumentations
+pipeline, `ensemble.data.albu`) or TTA views. Batches stay uint8 until `normalize_batch`,
+one vectorised step per batch (on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from ensemble.data import albu
 from ensemble.data import views as views_mod
 from ensemble.data.manifest import BAD_IMAGE_POLICIES, BadImageError, decode_image
 from ensemble.errors import UserError
@@ -122,7 +123,7 @@ class ImageDataset(torch.utils.data.Dataset):
         image_size: int,
         *,
         preprocess: str = "pad",
-        augment: str | None = None,
+        augment: str | dict | None = None,
         views: str | None = None,
         cache: DecodedCache | None = None,
         cache_rows: Sequence[int] | None = None,
@@ -135,7 +136,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("pass augment (training) or views (inference), not both")
         self.paths, self.targets, self.size = paths, targets, image_size
         self.preprocess = self._one_chain(preprocess, "preprocess") if preprocess else "orig"
-        self.augment = views_mod.create_augmentation(augment) if augment else None
+        self.augment = self._augmentation(augment) if augment else None
         self.views = views_mod.parse_views(views) if views else None
         self.n_views = views_mod.count_views(views) if views else 1
         # cache_rows[i]: the cache row of image i, when the cache holds a larger list (e.g. all of a
@@ -153,6 +154,13 @@ class ImageDataset(torch.utils.data.Dataset):
             raise UserError(f"{what} must be one chain giving one image (e.g. 'pad' or 'facecrop+pad'); "
                             f"got {spec!r}: put several views under 'tta' instead.")
         return chains[0]
+
+    @staticmethod
+    def _augmentation(augment: str | dict) -> views_mod.Augmentation | albu.Pipeline:
+        """A view chain ('hflip+rotate:10'), or an albumentations pipeline: its A.to_dict mapping or a file of it."""
+        if isinstance(augment, dict) or albu.is_pipeline_file(augment):
+            return albu.create_pipeline(augment)
+        return views_mod.create_augmentation(augment)
 
     def load(self, i: int) -> np.ndarray:
         """The preprocessed SxS uint8 image, from the cache when it holds it."""

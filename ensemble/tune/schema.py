@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ensemble.data import views
+from ensemble.data import albu, views
 from ensemble.data.folds import STRATEGIES
 from ensemble.data.manifest import BAD_IMAGE_POLICIES, FORMS
 from ensemble.errors import UserError
@@ -105,6 +105,9 @@ def _strings(value, accepted="a non-empty list of distinct strings"):
 def _view_spec(role: str):
     """A views.py spec; preprocess and augment are one chain ('+' only), tta a list of chains."""
     def check(value):
+        if isinstance(value, dict) or albu.is_pipeline_file(value):  # a pipeline is random: it can only augment
+            raise _Invalid(f"the {role} takes named views only, such as 'orig,hflip' (ops: {sorted(views.VIEWS)}); "
+                           "an albumentations pipeline is train-time augmentation: give it as 'augment'")
         if not isinstance(value, str):
             raise ValueError(f"a view spec such as 'orig,hflip' (ops: {sorted(views.VIEWS)})")
         try:
@@ -115,6 +118,22 @@ def _view_spec(role: str):
             raise _Invalid(f"the {role} is one chain of ops joined by '+'; {value!r} has {len(chains)}")
         return value
     return check
+
+
+def _augment(value):
+    """A view chain, or an albumentations pipeline: inline (checked here) or a .json/.yaml file
+    (read and checked by `ensemble.tune.spaces`, which resolves its path against the space file's folder)."""
+    if albu.is_pipeline_file(value):
+        return value
+    if isinstance(value, dict):
+        try:
+            return albu.check_pipeline(value)
+        except UserError as e:
+            raise _Invalid(str(e)) from None
+    if not isinstance(value, str):
+        raise ValueError("a view chain such as 'hflip+rotate:10', an albumentations pipeline (the mapping "
+                         "A.to_dict writes) or a .json/.yaml file holding one")
+    return _view_spec("augment")(value)
 
 
 def _normalize(value):
@@ -249,7 +268,7 @@ STAGE = {
     "epochs": Rule(REQUIRED, _number(int, 1), "an integer >= 1"),
     "freeze": Rule(False, _bool),
     "lr_scale": Rule(1.0, _positive),
-    "augment": Rule(None, _optional(_view_spec("augment"))),  # null: data.augment
+    "augment": Rule(None, _optional(_augment)),  # null: data.augment
     "preprocess": Rule(None, _optional(_view_spec("preprocess"))),  # null: data.preprocess
     "image_size": Rule(None, _optional(_number(int, 8))),  # null: params.image_size (progressive resizing)
 }
@@ -271,7 +290,7 @@ ROUND = {
     "init": Rule("scratch", _init),  # previous: each fold model starts from the earlier round's same fold
     "epochs": Rule(None, _optional(_number(int, 1))),  # one stage of these (null: the base space's epochs)
     "lr_scale": Rule(1.0, _positive),
-    "augment": Rule(None, _optional(_view_spec("augment"))),
+    "augment": Rule(None, _optional(_augment)),
     "image_size": Rule(None, _optional(_number(int, 8))),
     "stages": [STAGE],  # or stages of their own (then not epochs / lr_scale / augment / image_size)
     "pseudo": MaybeSection({
@@ -284,7 +303,7 @@ ROUND = {
     }),
     "hard_examples": MaybeSection({  # fine-tune on the training rows the previous round's fold model predicts worst
         "top": Rule(0.2, _number(float, 0, 1, lo_open=True)),
-        "augment": Rule(None, _optional(_view_spec("augment"))),  # null: the round's (or data's) augment
+        "augment": Rule(None, _optional(_augment)),  # null: the round's (or data's) augment
         "epochs": Rule(2, _number(int, 1)),
         "lr_scale": Rule(0.1, _positive),
     }),
@@ -305,7 +324,7 @@ SCHEMA = {
         "on_bad_image": Rule("raise", _one_of(*BAD_IMAGE_POLICIES)),
         "check_images": Rule("decode", _one_of("decode", "exists", "none")),
         "preprocess": Rule("pad", _view_spec("preprocess")),
-        "augment": Rule("hflip", _view_spec("augment")),
+        "augment": Rule("hflip", _augment),  # or an albumentations pipeline (ensemble.data.albu)
         "tta": Rule("orig,hflip", _view_spec("tta")),
         "normalize": Rule("backbone", _normalize),
         "cache": Rule(True, _bool),

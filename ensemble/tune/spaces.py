@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 import ensemble
+from ensemble.data import albu
 from ensemble.data.demo_data import VARIANTS, demo_manifest
 from ensemble.data.manifest import FORMS, read_columns, resolve_target
 from ensemble.errors import UserError
@@ -57,6 +58,7 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     data, folds, params = raw["data"], raw["folds"], raw["params"]
     for key in ("manifest", "test_manifest", "query_manifest", "gallery_manifest", "root"):
         data[key] = _resolve_path(data[key], f"data.{key}", folder, fail)
+    data["augment"] = _resolve_augment(data["augment"], "data.augment", folder, fail)
     if data["root"] is None and not data["manifest"].startswith("demo:"):
         data["root"] = str(Path(data["manifest"]).parent)
     columns = _manifest_columns(data["manifest"], fail)
@@ -99,7 +101,8 @@ def _resolve(raw: dict, given: dict, file: str, folder: Path) -> dict:
     total = sum(stage["epochs"] for stage in stages)
     if raw["epochs"] not in (None, total):
         fail(f"'epochs' is {raw['epochs']} but the stages add up to {total}; drop 'epochs'.")
-    for stage in stages:
+    for i, stage in enumerate(stages):
+        stage["augment"] = _resolve_augment(stage["augment"], f"stages[{i}].augment", folder, fail)
         for key in ("augment", "preprocess"):
             stage[key] = stage[key] or data[key]
     raw["stages"], raw["epochs"] = stages, total
@@ -127,6 +130,11 @@ def _resolve_round(r: int, item: dict, written: set, raw: dict, folder: Path, fa
     if raw["task"] == "retrieval":
         fail(f"'{where}': rounds are for classification spaces; a retrieval space trains its models once.")
     init, hard = item["init"], item["hard_examples"]
+    item["augment"] = _resolve_augment(item["augment"], f"{where}.augment", folder, fail)
+    for i, stage in enumerate(item["stages"] or []):
+        stage["augment"] = _resolve_augment(stage["augment"], f"{where}.stages[{i}].augment", folder, fail)
+    if hard:
+        hard["augment"] = _resolve_augment(hard["augment"], f"{where}.hard_examples.augment", folder, fail)
     if isinstance(init, int) and init >= r:
         fail(f"'{where}.init': {init} is not an earlier round; this is round {r} (the base space is round 1).")
     if hard and init == "scratch":
@@ -199,6 +207,19 @@ def _resolve_path(value: str | None, key: str, folder: Path, fail: Callable) -> 
     if value[5:] not in allowed:
         fail(f"'{key}' {value!r} is no embedded demo data; use a file path or one of {[f'demo:{v}' for v in allowed]}.")
     return value
+
+
+def _resolve_augment(value: Any, key: str, folder: Path, fail: Callable) -> Any:
+    """An albumentations pipeline file's mapping in place of its path (relative to the space file's folder).
+
+    The frozen space and every model's config.json then hold the pipeline itself: a run never reads the
+    file again (it may move or go), and an edited file is a changed space on resume, as any edited key is."""
+    if not albu.is_pipeline_file(value):
+        return value
+    try:
+        return albu.check_pipeline(albu.read_pipeline(_resolve_path(value, key, folder, fail)))
+    except UserError as e:
+        fail(f"'{key}': {str(e).rstrip('.')}.")
 
 
 def _manifest_columns(manifest: str, fail: Callable) -> tuple[str, ...] | None:
@@ -491,7 +512,14 @@ def freeze_space(space: Space, run_dir: Path, grown: list[str] | None = None) ->
         old = [line for line in target.read_text().splitlines(keepends=True) if line.startswith("# ")]
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         header = "".join(old) + f"# grown {stamp} from {space.path}: {'; '.join(grown)}\n"
-    write_text(header + yaml.safe_dump(space.raw, sort_keys=False), target)
+    write_text(header + yaml.dump(space.raw, Dumper=_PlainDumper, sort_keys=False), target)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """safe_dump without anchors: a pipeline that stages share with data.augment is written out in each."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 def _diff(old: Any, new: Any, path: str = ""):
