@@ -20,6 +20,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # What each command must print (besides exiting 0), by the start of the command line.
 EXPECT = {
+    "python -m ensemble.tune --space demo_albumentations --name albu": "Leaderboard (log_loss",
+    "python -m ensemble.tune --space demo --name tracked --smoke --logger": "upload with: wandb sync",
+    "python -m ensemble.predict --run runs/tracked": "predicted 2 model(s)",
+    "python -m ensemble.stack --run runs/tracked --method greedy": "logged the scores to mlflow",
     "python -m ensemble.tune --space demo_retrieval": "Leaderboard (digix",
     "python -m ensemble.predict --run runs/demo_retrieval": "oof_tta digix",
     "python -m ensemble.retrieve --run runs/demo_retrieval": "winner: ",
@@ -62,7 +66,7 @@ def test_the_readme_shows_commands_and_each_has_a_check():
 
 def small_demo(cwd: Path, demo_dir: Path) -> None:
     """tune_spaces/demo.yaml: the shipped demo space on 300 training and 200 test digits, 2 epochs; demo_plus.yaml
-    the same with demo_plus's backbones; demo_rounds.yaml the shipped rounds on the same data, 1 epoch a stage."""
+    the same with demo_plus's backbones, demo_albumentations.yaml with its pipeline; demo_rounds.yaml the shipped rounds on the same data, 1 epoch a stage."""
     space = yaml.safe_load((REPO / "tune_spaces" / "demo.yaml").read_text())
     pd.read_csv(demo_dir / "multiclass.csv").head(300).to_csv(cwd / "train.csv", index=False)
     pd.read_csv(demo_dir / "test.csv").head(200).to_csv(cwd / "test.csv", index=False)
@@ -72,6 +76,10 @@ def small_demo(cwd: Path, demo_dir: Path) -> None:
     (cwd / "tune_spaces" / "demo.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     plus = dict(space, backbones=yaml.safe_load((REPO / "tune_spaces" / "demo_plus.yaml").read_text())["backbones"])
     (cwd / "tune_spaces" / "demo_plus.yaml").write_text(yaml.safe_dump(plus, sort_keys=False))
+    albu = yaml.safe_load((REPO / "tune_spaces" / "demo_albumentations.yaml").read_text())
+    albu["data"] = dict(space["data"], augment=albu["data"]["augment"])
+    albu["epochs"] = 2
+    (cwd / "tune_spaces" / "demo_albumentations.yaml").write_text(yaml.safe_dump(albu, sort_keys=False))
     rounds = yaml.safe_load((REPO / "tune_spaces" / "demo_rounds.yaml").read_text())
     rounds["data"] = space["data"]
     rounds["stages"] = [dict(stage, epochs=1) for stage in rounds["stages"]]

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ensemble import trackers
 from ensemble.errors import UserError, cli_main, command_line
 from ensemble.report.collect import collect
 from ensemble.report.page import render
@@ -38,11 +39,26 @@ def report(args: argparse.Namespace, command: str = "python -m ensemble.report")
             space_href = None  # a relative link, which holds while the report stays where it was written
             if run.space_file.exists() and (target is run or not run.store):
                 space_href = Path(os.path.relpath(run.space_file, out)).as_posix()
-            files = render(collect(run), space_href)  # everything in memory before anything is written
+            content = collect(run)
+            files = render(content, space_href)  # everything in memory before anything is written
             target.write_set(out, files)
             where = target.show(out)
+            logged = trackers.log_stage(run.dir, "report", *_scores(content))
     print(f"wrote {where}/index.html")
+    for line in logged:
+        print(f"logged the models' scores to {line}")
     return where
+
+
+def _scores(content) -> tuple[dict, dict]:
+    """What the report logs to the run's trackers: each model's CV mean (and with TTA), the stack's winner."""
+    metrics = {f"cv/{m.label}": m.mean for m in content.models if m.mean is not None}
+    metrics |= {f"tta/{m.label}": m.tta_score for m in content.models if m.tta_score is not None}
+    params = {"metric": content.metric, "models": len(content.models)}
+    if content.stacking:
+        metrics["stack/winner"] = content.stacking.winner_score
+        params["winner"] = content.stacking.winner
+    return metrics, params
 
 
 def _check_out(run: Run, out: Path) -> None:

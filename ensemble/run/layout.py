@@ -5,7 +5,9 @@
   <run>/run.lock                         host + pid of the live launch (ensemble.run.lock)
   <run>/leaderboard.csv                  one row per model: params by name, per-fold and mean scores
   <run>/tune/attempt-N/                  Ray Tune's experiment dir of each launch
-  <run>/cache/                           decoded uint8 images per (size, preprocess)
+  <run>/cache/                           decoded uint8 images per (size, preprocess); image_checks.parquet: the
+                                         training images that decoded (never pushed: a URI run keeps it in
+                                         this node's mirror)
   <run>/models/<model_id>/config.json    everything needed to rebuild the model
   <run>/models/<model_id>/status.json    {"state": "pruned"} when a scheduler stopped it; {"state": "complete",
                                          "weights": "pruned", ...} when python -m ensemble.prune freed its checkpoints
@@ -123,6 +125,13 @@ class Run:
     @property
     def cache_dir(self) -> Path:
         return self.dir / "cache"
+
+    @property
+    def image_checks_file(self) -> Path:
+        """Which training images decoded (ensemble.data.manifest.ImageChecks); never pushed. A URI run keeps
+        it in this node's mirror, since a driver's scratch copy is removed after each launch."""
+        node = Run.on_node(self.location) if self.store else self
+        return node.cache_dir / "image_checks.parquet"
 
     @property
     def tune_dir(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ensemble import trackers
 from ensemble.errors import cli_main, command_line
 from ensemble.metrics import PROBABILITY_METRICS
 from ensemble.run import locked, open_run
@@ -45,6 +46,9 @@ def stack(args: argparse.Namespace, command: str = "python -m ensemble.stack") -
             rows, winner, metric, data, files = stack_run(run, args)
             run.write_set(run.ensemble_dir, files)  # everything was built in memory first
             print_summary(rows, winner, metric, data, run.show(run.ensemble_dir))
+            scores = {r.method: r.cv_score if r.cv_score_thresholded is None else r.cv_score_thresholded for r in rows}
+            for line in trackers.log_stage(run.dir, "stack", scores, {"metric": metric.name, "winner": winner.method}):
+                print(f"logged the scores to {line}")
     return rows
 
 

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ensemble import trackers
 from ensemble.cluster import start_ray
 from ensemble.data import folds as folds_mod
-from ensemble.data.manifest import Manifest, Target, read_manifest
+from ensemble.data.manifest import ImageChecks, Manifest, Target, read_manifest
 from ensemble.errors import Interrupted, RunFailed, UserError
 from ensemble.io import write_csv
-from ensemble.run import Run, locked, open_run, total_epochs
+from ensemble.run import Run, is_uri, locked, open_run, total_epochs
 from ensemble.tune import spaces
 from ensemble.tune.progress import leaderboard, print_leaderboard
 
@@ -58,13 +59,15 @@ class SweepPlan:
     searched: dict[str, dict]  # model_id -> its searched params (for the display and the leaderboard)
     restart: bool = False  # an earlier launch wrote a plan but trained nothing: it is replaced
     grown: list[str] = field(default_factory=list)  # what a resumed space adds to the run (spaces.check_frozen)
+    checks: ImageChecks | None = None  # the images that decoded: saved with the plan, so a relaunch skips them
 
 
 def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> SweepPlan:
     """Check the space against the run, read and check the data, make the folds and the model configs."""
     restart, grown = _check_relaunch(space, run, resume)
-    manifest, target = _read_training_manifest(space)
-    added = {r: _round_manifest(space, item, target, manifest.classes, f"rounds[{r - 2}].manifest")
+    checks = ImageChecks(run.image_checks_file)
+    manifest, target = _read_training_manifest(space, checks)
+    added = {r: _round_manifest(space, item, target, manifest.classes, f"rounds[{r - 2}].manifest", checks)
              for r, item in enumerate(space.rounds or [], 2) if item.manifest}
     folds = _folds_frame(space, manifest, target, run, smoke, reuse=not restart,
                          also={i for m in added.values() for i in m.frame["id"]})
@@ -72,7 +75,7 @@ def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> S
     for r, item in enumerate(space.rounds or [], 2):  # what rounds pseudo-label exists and decodes: checked now,
         if item.pseudo and item.pseudo["from"] != "test":  # not after the earlier rounds have trained
             with _named(space, f"rounds[{r - 2}].pseudo.from"):
-                read_manifest(item.pseudo["from"], space.root_path, require_target=False,
+                read_manifest(item.pseudo["from"], space.root_path, require_target=False, checks=checks,
                               check_images=space.data.check_images, on_bad_image=space.data.on_bad_image)
     configs, searched, stats = [], {}, {}
     for spec in spaces.resolve_models(space):
@@ -82,7 +85,7 @@ def plan_sweep(space: spaces.Space, run: Run, *, resume: bool, smoke: bool) -> S
             configs.append(run.read_config(spec.model_id))
         else:
             configs.append(_model_config(space, spec, manifest, target, folds, stats))
-    return SweepPlan(space, folds, configs, searched, restart, grown)
+    return SweepPlan(space, folds, configs, searched, restart, grown, checks)
 
 
 def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> tuple[bool, list[str]]:
@@ -114,11 +117,11 @@ def _check_relaunch(space: spaces.Space, run: Run, resume: bool) -> tuple[bool, 
     return True, []
 
 
-def _read_training_manifest(space: spaces.Space) -> tuple[Manifest, Target]:
+def _read_training_manifest(space: spaces.Space, checks: ImageChecks) -> tuple[Manifest, Target]:
     data = space.data
     target = Target(**data.target)  # resolved against the manifest's header when the space was loaded
     manifest = read_manifest(space.manifest_path, space.root_path, target=target, classes=data.classes,
-                             check_images=data.check_images, on_bad_image=data.on_bad_image)
+                             check_images=data.check_images, on_bad_image=data.on_bad_image, checks=checks)
     return manifest, target
 
 
@@ -185,12 +188,13 @@ def _round_rows(space: spaces.Space, folds: pd.DataFrame, target: Target, added:
     return folds
 
 
-def _round_manifest(space: spaces.Space, item, target: Target, classes: list[str], key: str) -> Manifest:
+def _round_manifest(space: spaces.Space, item, target: Target, classes: list[str], key: str,
+                    checks: ImageChecks) -> Manifest:
     """A round's manifest, checked as the first round's (its labels must be the first round's classes)."""
     data = space.data  # image paths are relative to the space's root, as the first round's are
     with _named(space, key):
         return read_manifest(item.manifest, space.root_path, target=target, classes=classes,
-                             check_images=data.check_images, on_bad_image=data.on_bad_image)
+                             check_images=data.check_images, on_bad_image=data.on_bad_image, checks=checks)
 
 
 @contextlib.contextmanager
@@ -281,7 +285,8 @@ def _dataset_normalization(space: spaces.Space, manifest: Manifest, folds: pd.Da
 
 
 def write_plan(plan: SweepPlan, run: Run) -> None:
-    """space.yaml, folds.csv and every model's config.json, each once (replaced only on a restart)."""
+    """space.yaml, folds.csv and every model's config.json, each once (replaced only on a restart); the image
+    checks' cache, which stays on this node (never pushed)."""
     if plan.restart:
         run.remove(run.space_file, run.folds_file, run.models_dir)  # a plan that trained nothing
     spaces.freeze_space(plan.space, run.dir, plan.grown)
@@ -292,6 +297,8 @@ def write_plan(plan: SweepPlan, run: Run) -> None:
         if not (run.model_dir(config["model_id"]) / "config.json").exists():
             written.append(run.write_config(config))
     run.push(run.space_file, run.folds_file, *written)
+    if plan.checks:
+        plan.checks.save()
 
 
 def _rows(path: Path) -> int:
@@ -342,15 +349,19 @@ def concurrency(slots: int, k: int) -> int:
 
 def run_sweep(space: spaces.Space, location: str | Path, *, resume: bool = False, smoke: bool = False,
               max_concurrent: int | None = None, address: str | None = None, verbose: int = 1,
-              command: str = "python -m ensemble.tune") -> pd.DataFrame:
-    """Launch (or resume) a sweep in `location` (a directory or a URI); return its leaderboard."""
+              command: str = "python -m ensemble.tune", loggers: list[str] = ()) -> pd.DataFrame:
+    """Launch (or resume) a sweep in `location` (a directory or a URI); return its leaderboard.
+    `loggers`: experiment trackers to log to as well (ensemble.trackers)."""
+    if loggers and is_uri(location):
+        raise UserError("--logger needs a local run directory (its files go inside the run); for a run at a URI, "
+                        "log from a local copy. Nothing was written.")
     with open_run(location) as run, _remove_if_empty(run):
         run.check_writable()
         with locked(run, command):
-            return _sweep(space, run, location, resume, smoke, max_concurrent, address, verbose)
+            return _sweep(space, run, location, resume, smoke, max_concurrent, address, verbose, list(loggers))
 
 
-def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, verbose) -> pd.DataFrame:
+def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, verbose, loggers) -> pd.DataFrame:
     """The locked part of run_sweep: plan, check the cluster, write the plan, train, leaderboard."""
     run.pull_artifacts()
     plan = plan_sweep(space, run, resume=resume, smoke=smoke)
@@ -366,6 +377,7 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
 
         warm_up_workers(space.resources, slots)  # torch + timm imports overlap the writes and Tune's start
     write_plan(plan, run)
+    tracked = trackers.remember(loggers, run.dir, run.dir.name) if not run.store else {}
     for state in ("complete", "pruned"):
         done = [m for m, s in states.items() if s == state]
         if done:
@@ -374,7 +386,7 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
     for r in sorted({c.get("round", 1) for c in todo}):  # a round starts from the one before: in order
         batch, orphans = _startable([c for c in todo if c.get("round", 1) == r], run, orphans)
         if batch:
-            errors = _tune(space, plan, batch, run, resources, slots, max_concurrent, verbose)
+            errors = _tune(space, plan, batch, run, resources, slots, max_concurrent, verbose, tracked)
             run.pull_artifacts()  # what the trials wrote, for the leaderboard (and the next round)
         if errors or any(run.model_state(c["model_id"]) == "todo" for c in batch):  # failed or interrupted
             break
@@ -395,6 +407,8 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
               "(complete, pruned or stopped early)" + (f", {len(orphans)} left out (above)." if orphans else "."))
         if not run.store:  # Tune's event files are in the run (for a URI run, in a scratch copy it removes)
             print(f"Curves per model: tensorboard --logdir {run.tune_dir}")
+        for line in trackers.where(tracked):
+            print(line)
     return board
 
 
@@ -434,7 +448,7 @@ def resume_command(space: spaces.Space, location: str | Path) -> str:
 
 
 def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, resources: dict[str, dict], slots: int,
-          max_concurrent: int | None, verbose: int) -> list[str]:
+          max_concurrent: int | None, verbose: int, tracked: dict) -> list[str]:
     """One Ray Tune run over the models still to train; returns an error line per model that failed."""
     from ray import tune
 
@@ -453,7 +467,9 @@ def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, reso
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         # ... and its warnings on Ctrl-C advise Tuner.restore(...), not our --resume (said by run_sweep).
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
-    callbacks = [pruned_callback(run)]
+    callbacks = [pruned_callback(run), *trackers.tune_callbacks(tracked)]
+    searched = {c["model_id"]: plan.searched[c["model_id"]] for c in todo}  # small dicts: Tune pickles them
+    shares = {c["model_id"]: resources[c["model_id"]] for c in todo}
     if verbose >= 1:
         callbacks.append(SweepProgress(todo, plan.searched, space.metric, space.mode, run).callback())
     tuner = tune.Tuner(
@@ -461,8 +477,10 @@ def _tune(space: spaces.Space, plan: SweepPlan, todo: list[dict], run: Run, reso
         # needs some request), so k folds x cpu fill the slots exactly, e.g. 8 x 0.25 on 2 CPUs.
         tune.with_resources(run_model, {"memory": 1}),
         param_space={"run": run.location, "early_stopping": dict(space.early_stopping),
-                     "resources": {c["model_id"]: resources[c["model_id"]] for c in todo},
-                     "model_id": tune.grid_search([c["model_id"] for c in todo])},
+                     "model_id": tune.grid_search([c["model_id"] for c in todo]),
+                     # per model: what trackers log as its config, and its fold resources (gpu: auto differs)
+                     "params": tune.sample_from(lambda spec: searched[spec.config.model_id]),
+                     "resources": tune.sample_from(lambda spec: shares[spec.config.model_id])},
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
                                     max_concurrent_trials=limit, reuse_actors=True),
         run_config=tune.RunConfig(

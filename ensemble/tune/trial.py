@@ -105,7 +105,7 @@ def _train_model(tune_config: dict, run: Run) -> None:
     model_id = tune_config["model_id"]
     config = run.read_config(model_id)
     # Resources come from this launch, not config.json: a resumed sweep may run on other hardware.
-    config["resources"] = tune_config["resources"][model_id]  # gpu: auto gives each model its own fraction
+    config["resources"] = tune_config["resources"]
     k, epochs, metric, mode = config["k"], total_epochs(config), config["metric"], config["mode"]
     patience = (tune_config.get("early_stopping") or {}).get("patience", 0)
 

@@ -1,0 +1,229 @@
+"""The image check of a launch: the reduced-scale JPEG decode and the per-image cache kept in the run."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import data as skdata
+from sweep_fixtures import small_space
+
+from ensemble.data import manifest as manifest_mod
+from ensemble.data.manifest import ImageChecks, read_manifest
+from ensemble.errors import UserError
+from ensemble.run import Run, open_run
+from ensemble.tune import spaces
+from ensemble.tune.launch import plan_sweep, prepare_run, write_plan
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """8 JPEG photos (160x120) and a manifest of them; returns (manifest path, root, frame)."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        crop = _photo()[rng.integers(0, 40):, rng.integers(0, 40):]
+        path = root / "images" / f"p{i}.jpg"
+        cv2.imwrite(str(path), cv2.resize(crop, (160, 120)))
+        rows.append({"id": f"p{i}", "image": f"images/p{i}.jpg", "label": "ab"[i % 2]})
+    frame = pd.DataFrame(rows)
+    manifest = root / "m.csv"
+    frame.to_csv(manifest, index=False)
+    return manifest, root, frame
+
+
+def _photo() -> np.ndarray:
+    return cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+def check(manifest, cache, **kwargs) -> ImageChecks:
+    """One launch's check: read the cache, check the manifest, save the cache; returns the checks."""
+    checks = ImageChecks(cache)
+    read_manifest(manifest, checks=checks, **kwargs)
+    checks.save()
+    return checks
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_an_unchanged_file_is_not_decoded_again_a_touched_or_replaced_one_is(tmp_path, photos):
+    manifest, root, _ = photos
+    cache = tmp_path / "run" / "cache" / "image_checks.parquet"
+    assert check(manifest, cache).decoded == 8 and cache.exists()
+    assert check(manifest, cache).decoded == 0
+    touched = root / "images" / "p2.jpg"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # same bytes, new mtime
+    assert check(manifest, cache).decoded == 1
+    replaced = root / "images" / "p5.jpg"
+    mtime = replaced.stat().st_mtime_ns
+    replaced.write_bytes(cv2.imencode(".jpg", _photo()[:100, :90])[1].tobytes())
+    os.utime(replaced, ns=(mtime, mtime))  # same mtime, another size
+    assert check(manifest, cache).decoded == 1
+    assert check(manifest, cache).decoded == 0
+
+
+def test_a_new_file_is_checked(tmp_path, photos):
+    manifest, root, frame = photos
+    cache = tmp_path / "cache.parquet"
+    check(manifest, cache)
+    cv2.imwrite(str(root / "images" / "new.jpg"), _photo()[:64, :64])
+    frame.loc[len(frame)] = {"id": "new", "image": "images/new.jpg", "label": "a"}
+    frame.to_csv(manifest, index=False)
+    checks = check(manifest, cache)
+    assert checks.decoded == 1 and str((root / "images" / "new.jpg").resolve()) in checks.good
+
+
+def test_a_corrupt_image_is_an_error_at_every_launch_never_cached_as_good(tmp_path, photos, capsys):
+    manifest, root, _ = photos
+    cache = tmp_path / "cache.parquet"
+    victim = root / "images" / "p3.jpg"
+    victim.write_bytes(victim.read_bytes()[:-300])  # truncated: no end marker
+    for _ in range(2):
+        checks = ImageChecks(cache)
+        with pytest.raises(UserError, match=r"unreadable or corrupt image at row 4 \(1 row\)"):
+            read_manifest(manifest, checks=checks)
+        checks.save()  # what the 7 good images gave, saved as if the run existed
+        assert str(victim.resolve()) not in checks.good and len(checks.good) == 7
+    for _ in range(2):  # on_bad_image: skip names it at every launch too
+        assert check(manifest, cache, on_bad_image="skip").decoded == 1
+        assert "row 4 (1 row)" in capsys.readouterr().err
+
+
+def test_a_corrupt_or_foreign_cache_file_is_ignored(tmp_path, photos):
+    manifest, _, _ = photos
+    cache = tmp_path / "cache.parquet"
+    for damage in (b"PAR1 not really parquet", b""):
+        cache.write_bytes(damage)
+        assert check(manifest, cache).decoded == 8  # checked again, then written whole
+        assert check(manifest, cache).decoded == 0
+    pd.DataFrame({"path": ["x"], "other": [1]}).to_parquet(cache)  # readable, but not this cache's columns
+    assert check(manifest, cache).decoded == 8
+
+
+def test_a_failed_first_launch_leaves_no_run_directory(tmp_path, demo_dir):
+    frame = pd.read_csv(demo_dir / "multiclass.csv").head(40)
+    (tmp_path / "images").mkdir()
+    for image in frame["image"]:
+        (tmp_path / image).write_bytes((demo_dir / image).read_bytes())
+    (tmp_path / frame["image"][7]).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, data={
+        "manifest": str(manifest), "root": str(tmp_path), "normalize": "backbone"})))
+    with pytest.raises(UserError, match=r"unreadable or corrupt image at row 8 \(1 row\)"):
+        prepare_run(space, tmp_path / "runs" / "r")
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- the reduced decode
+
+
+def _jpegs() -> dict[str, bytes]:
+    img = cv2.resize(_photo(), (320, 240))
+    rgb = Image.fromarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+
+    def pil(mode: str) -> bytes:
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    return {"baseline": cv2.imencode(".jpg", img)[1].tobytes(),
+            "444": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                              cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1].tobytes(),
+            "progressive": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+            "restart": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])[1].tobytes(),
+            "grey": pil("L"), "cmyk": pil("CMYK")}
+
+
+_RNG = np.random.default_rng(0)
+CORRUPTIONS = {  # what a damaged download or disk leaves; `b` is an intact JPEG
+    "intact": lambda b: b,
+    "truncated-half": lambda b: b[:len(b) // 2],
+    "truncated-end-marker": lambda b: b[:-2],
+    "truncated-then-end-marker": lambda b: b[:len(b) // 2] + b"\xff\xd9",
+    "zeroed-middle": lambda b: b[:len(b) // 2] + bytes(4096) + b[len(b) // 2 + 4096:],
+    "random-middle": lambda b: b[:len(b) // 2] + _RNG.bytes(4096) + b[len(b) // 2 + 4096:],
+    "header-zeroed": lambda b: b[:20] + bytes(100) + b[120:],
+    "header-garbage": lambda b: b[:2] + _RNG.bytes(300) + b[302:],
+    "garbage": lambda b: _RNG.bytes(len(b)),
+    "jpeg-magic-then-garbage": lambda b: b"\xff\xd8\xff" + _RNG.bytes(len(b)) + b"\xff\xd9",
+    "empty": lambda b: b"",
+    "text": lambda b: b"id,image,label\n" * 20,
+    "trailing-junk": lambda b: b + _RNG.bytes(200),
+    "two-files-spliced": lambda b: b[:len(b) // 2] + b,
+    "chunk-removed": lambda b: b[:len(b) // 2] + b[len(b) // 2 + 5000:],
+    "bytes-flipped": lambda b: bytes(v ^ 0x5A if i % 997 == 500 else v for i, v in enumerate(b)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_the_reduced_decode_refuses_exactly_what_a_full_decode_refuses(tmp_path, kind):
+    refused = []
+    for variant, intact in _jpegs().items():
+        data = CORRUPTIONS[kind](intact)
+        full = manifest_mod._imdecode(data) is not None
+        assert manifest_mod._jpeg_decodes_reduced(data) == full, (variant, kind, full)
+        path = tmp_path / f"{variant}.jpg"
+        path.write_bytes(data)
+        assert manifest_mod._decodes(str(path)) == (manifest_mod._imread(str(path)) is not None), (variant, kind)
+        refused.append(not full)
+    if kind == "intact":
+        assert not any(refused), refused
+    elif kind in ("truncated-half", "truncated-end-marker", "garbage", "empty", "text"):
+        assert all(refused), refused
+
+
+def test_a_jpeg_the_reduced_decode_refuses_is_confirmed_in_full(tmp_path, monkeypatch):
+    path = tmp_path / "ok.jpg"
+    path.write_bytes(_jpegs()["baseline"])
+    monkeypatch.setattr(manifest_mod, "_jpeg_decodes_reduced", lambda data: False)
+    assert manifest_mod._decodes(str(path))  # a file training reads is never refused
+
+
+# --------------------------------------------------------------------------- through the launch
+
+
+def counting_decodes(monkeypatch) -> list[str]:
+    calls = []
+    decodes = manifest_mod._decodes
+
+    def counted(path: str) -> bool:
+        calls.append(path)
+        return decodes(path)
+
+    monkeypatch.setattr(manifest_mod, "_decodes", counted)
+    return calls
+
+
+def test_a_second_plan_of_the_run_decodes_nothing(tmp_path, demo_dir, monkeypatch):
+    calls = counting_decodes(monkeypatch)
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=120)))
+    run = tmp_path / "runs" / "r"
+    prepare_run(space, run)
+    assert len(calls) == 120 and (run / "cache" / "image_checks.parquet").exists()
+    del calls[:]
+    prepare_run(space, run, resume=True)
+    assert calls == []
+
+
+def test_a_uri_run_keeps_its_checks_on_this_node_never_at_the_uri(tmp_path, demo_dir, monkeypatch):
+    calls = counting_decodes(monkeypatch)
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=60)))
+    uri = f"file://{tmp_path}/store/r"
+    for resume, decoded in ((False, 60), (True, 0)):  # each launch works in a new scratch directory
+        del calls[:]
+        with open_run(uri) as run:
+            run.pull_artifacts()
+            write_plan(plan_sweep(space, run, resume=resume, smoke=False), run)
+        assert len(calls) == decoded
+    assert (Run.on_node(uri).cache_dir / "image_checks.parquet").exists()
+    assert not list((tmp_path / "store").rglob("image_checks*")), "the cache was pushed"
