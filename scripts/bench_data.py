@@ -96,7 +96,8 @@ def bench_check(n: int, resume_n: int, repeats: int) -> None:
     """A launch's image check (ensemble.data.manifest.ImageChecks) on n 640x480 JPEG photos, on every CPU:
     (a) the check as it was (a full decode of each image, kept below), (b) a first launch (reduced decode,
     empty cache), the same on a process pool (why threads), (c) a resume of the same unchanged files (stat +
-    cache lookup), all interleaved, best of `repeats`; then (d) a whole resume check of a `resume_n`-image
+    cache lookup), and one image's decode on one thread before and now (the ratio that shared CPUs blur
+    least), all interleaved, best of `repeats`; then (d) a whole resume check of a `resume_n`-image
     manifest (hard links to the n photos): read_manifest, realpath + stat of each image, the cache."""
     import os
     from concurrent.futures import ProcessPoolExecutor
@@ -113,7 +114,8 @@ def bench_check(n: int, resume_n: int, repeats: int) -> None:
             cv2.imwrite(p, cv2.resize(cv2.imread(p), (640, 480), interpolation=cv2.INTER_AREA),
                         [cv2.IMWRITE_JPEG_QUALITY, 90])
         stats = [os.stat(p) for p in paths]
-        best = dict.fromkeys(("before", "first", "processes", "resume"), 1e9)
+        best = dict.fromkeys(("before", "first", "processes", "resume", "serial before", "serial now"), 1e9)
+        serial = paths[:500]
         for r in range(repeats):  # interleaved, so drift on a noisy machine hits all alike
             start = time.perf_counter()
             assert not any(_check_before(paths))
@@ -132,6 +134,12 @@ def bench_check(n: int, resume_n: int, repeats: int) -> None:
             again = ImageChecks(cache)
             assert not any(again.bad(paths, [os.stat(p) for p in paths])) and again.decoded == 0
             best["resume"] = min(best["resume"], time.perf_counter() - start)
+            start = time.perf_counter()
+            assert all(_imread_before(p) is not None for p in serial)
+            best["serial before"] = min(best["serial before"], (time.perf_counter() - start) / len(serial))
+            start = time.perf_counter()
+            assert all(manifest_mod._decodes(p) for p in serial)
+            best["serial now"] = min(best["serial now"], (time.perf_counter() - start) / len(serial))
         many = folder / "many"
         many.mkdir()
         for i in range(resume_n):
@@ -167,6 +175,8 @@ def bench_check(n: int, resume_n: int, repeats: int) -> None:
     print(f"(c) resume, unchanged files (stat + cache) : {n / best['resume']:8.0f} images/s")
     print(f"ratio first launch / before               : {best['before'] / best['first']:.2f}x  (target >= 2)")
     print(f"ratio resume / first launch               : {best['first'] / best['resume']:.0f}x")
+    print(f"one image on one thread: before {best['serial before'] * 1e3:.2f} ms, now {best['serial now'] * 1e3:.2f} ms "
+          f"({best['serial before'] / best['serial now']:.2f}x)")
     print(f"(d) {resume_n} images: first launch read_manifest {fill:.1f} s ({resume_n / fill:.0f} images/s); "
           f"resume read_manifest {resume:.2f} s (target < 5 s), of which the image check {resume_checks:.2f} s")
 

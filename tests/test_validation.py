@@ -1,11 +1,15 @@
-"""The image check of a launch: the reduced-scale JPEG decode and the per-image cache kept in the run."""
+"""The image check of a launch: the reduced-scale JPEG decode and the per-image cache kept in the run.
+
+Test images are made with PIL, not OpenCV: a cv2.resize or cvtColor of a large image here would start
+OpenCV's thread pool in the pytest process, and a DataLoader worker forked later (tests/test_data.py)
+hangs in cv2.setNumThreads (opencv/opencv#5150).
+"""
 
 from __future__ import annotations
 
 import io
 import os
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,9 +33,8 @@ def photos(tmp_path):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(8):
-        crop = _photo()[rng.integers(0, 40):, rng.integers(0, 40):]
-        path = root / "images" / f"p{i}.jpg"
-        cv2.imwrite(str(path), cv2.resize(crop, (160, 120)))
+        x, y = rng.integers(0, 40, size=2)
+        (root / "images" / f"p{i}.jpg").write_bytes(_jpeg(_photo().crop((x, y, 512, 512)).resize((160, 120))))
         rows.append({"id": f"p{i}", "image": f"images/p{i}.jpg", "label": "ab"[i % 2]})
     frame = pd.DataFrame(rows)
     manifest = root / "m.csv"
@@ -39,8 +42,14 @@ def photos(tmp_path):
     return manifest, root, frame
 
 
-def _photo() -> np.ndarray:
-    return cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
+def _photo() -> Image.Image:
+    return Image.fromarray(skdata.astronaut())
+
+
+def _jpeg(image: Image.Image, mode: str = "RGB", **options) -> bytes:
+    buf = io.BytesIO()
+    image.convert(mode).save(buf, "JPEG", quality=90, **options)
+    return buf.getvalue()
 
 
 def check(manifest, cache, **kwargs) -> ImageChecks:
@@ -65,7 +74,7 @@ def test_an_unchanged_file_is_not_decoded_again_a_touched_or_replaced_one_is(tmp
     assert check(manifest, cache).decoded == 1
     replaced = root / "images" / "p5.jpg"
     mtime = replaced.stat().st_mtime_ns
-    replaced.write_bytes(cv2.imencode(".jpg", _photo()[:100, :90])[1].tobytes())
+    replaced.write_bytes(_jpeg(_photo().resize((90, 100))))
     os.utime(replaced, ns=(mtime, mtime))  # same mtime, another size
     assert check(manifest, cache).decoded == 1
     assert check(manifest, cache).decoded == 0
@@ -75,7 +84,7 @@ def test_a_new_file_is_checked(tmp_path, photos):
     manifest, root, frame = photos
     cache = tmp_path / "cache.parquet"
     check(manifest, cache)
-    cv2.imwrite(str(root / "images" / "new.jpg"), _photo()[:64, :64])
+    (root / "images" / "new.jpg").write_bytes(_jpeg(_photo().resize((64, 64))))
     frame.loc[len(frame)] = {"id": "new", "image": "images/new.jpg", "label": "a"}
     frame.to_csv(manifest, index=False)
     checks = check(manifest, cache)
@@ -128,20 +137,10 @@ def test_a_failed_first_launch_leaves_no_run_directory(tmp_path, demo_dir):
 
 
 def _jpegs() -> dict[str, bytes]:
-    img = cv2.resize(_photo(), (320, 240))
-    rgb = Image.fromarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-
-    def pil(mode: str) -> bytes:
-        buf = io.BytesIO()
-        rgb.convert(mode).save(buf, "JPEG", quality=90)
-        return buf.getvalue()
-
-    return {"baseline": cv2.imencode(".jpg", img)[1].tobytes(),
-            "444": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                                              cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1].tobytes(),
-            "progressive": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
-            "restart": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])[1].tobytes(),
-            "grey": pil("L"), "cmyk": pil("CMYK")}
+    """One 320x240 photo in each kind of JPEG a dataset may hold."""
+    img = _photo().resize((320, 240))
+    return {"baseline": _jpeg(img), "444": _jpeg(img, subsampling=0), "progressive": _jpeg(img, progressive=True),
+            "restart": _jpeg(img, restart_marker_blocks=4), "grey": _jpeg(img, "L"), "cmyk": _jpeg(img, "CMYK")}
 
 
 _RNG = np.random.default_rng(0)

@@ -430,10 +430,12 @@ def _read_checks(path: Path | None) -> dict[str, tuple[int, int]]:
         return {}
 
 
-# Threads, not processes: cv2 and file reads release the GIL, which is held for ~5% of a check, so a thread
-# per CPU fills the CPUs without pickling or worker start-up (2 CPUs: 3,400 images/s on threads, 2,900 on a
-# 2-process pool). Chunks of 64 keep the pool's cost per task (~50 us) off the ~0.5 ms a reduced decode takes.
-# Ray tasks could spread a check over a cluster, but one node's CPUs already check 100k images in ~30 s.
+# Threads, not processes: cv2 decodes and file reads release the GIL, so a thread per CPU keeps the CPUs busy
+# (2 CPUs, scripts/bench_data.py --check: threads matched or beat a 2-process pool in most runs), with no
+# worker start-up and no fork of a launch process that may already run Ray's or OpenCV's threads. Chunks of
+# 64 keep the pool's cost per task off the ~0.5 ms a reduced decode takes. Ray tasks could spread a first
+# check over a cluster, but one 2-CPU node already checks 100k photos in about a minute, and a resume
+# decodes only what changed.
 _CHECK_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _CHECK_CHUNK = 64
 
@@ -456,7 +458,8 @@ def _decodes(path: str) -> bool:
 
     A JPEG is decoded at 1/8 scale in grey: libjpeg parses every marker and every bit of the entropy-coded
     data as in a full decode (where its corrupt-file errors come from) and skips the inverse DCT, upsampling
-    and colour conversion: ~2x faster on 640x480 photos, more at lower quality (scripts/bench_data.py --check).
+    and colour conversion: 1.9x less CPU per 640x480 photo at quality 90 (scripts/bench_data.py --check),
+    ~2.7x at quality 75.
     It refuses the same files as a full decode (tests/test_validation.py), and one it refuses is decoded in
     full before it counts as bad, so the check never refuses a file that training reads. PNG and the rest: in
     full, as before (a reduced decode of a PNG inflates the whole file anyway and is no faster).
