@@ -26,6 +26,7 @@ from ensemble.io import write_json
 
 TRACKERS = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}  # name -> the module it needs
 PROJECT = "ensemble"  # the W&B project; the run's name is the group (WANDB_PROJECT overrides)
+LOCAL_MLRUNS = "mlruns"  # trackers.json's name for the run's own MLflow store
 
 
 def check_installed(names: list[str]) -> None:
@@ -38,33 +39,44 @@ def check_installed(names: list[str]) -> None:
 
 def settings(names: list[str], run_dir: Path, run_name: str) -> dict:
     """Where each tracker writes, for this run (the content of trackers.json)."""
-    out = {}
+    out = {}  # paths relative to the run (a moved run logs where it is now), resolved by `read`
     if "tensorboard" in names:
-        out["tensorboard"] = {"logdir": str(run_dir / "tune")}
+        out["tensorboard"] = {"logdir": "tune"}
     if "wandb" in names:
         out["wandb"] = {"project": os.environ.get("WANDB_PROJECT", PROJECT), "group": run_name,
-                        "dir": str(run_dir), "mode": os.environ.get("WANDB_MODE", "offline")}
+                        "dir": ".", "mode": os.environ.get("WANDB_MODE", "offline")}
     if "mlflow" in names:
-        out["mlflow"] = {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").as_uri(),
-                         "experiment": run_name}
+        out["mlflow"] = {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_MLRUNS, "experiment": run_name}
     return out
 
 
 def remember(names: list[str], run_dir: Path, run_name: str) -> dict:
-    """trackers.json: the ones kept from earlier launches plus `names`; returns them all."""
-    path = run_dir / "trackers.json"
-    kept = read(run_dir)
+    """trackers.json: the ones kept from earlier launches plus `names`; returns them all, resolved."""
+    kept = _stored(run_dir)
     kept.update({k: v for k, v in settings(names, run_dir, run_name).items() if k not in kept})
     if kept:
-        write_json(kept, path)
-    return kept
+        write_json(kept, run_dir / "trackers.json")
+    return read(run_dir)
 
 
 def read(run_dir: Path) -> dict:
+    """trackers.json with its paths resolved against the run directory where it is now."""
+    kept, run_dir = _stored(run_dir), Path(run_dir).resolve()
+    if "tensorboard" in kept:
+        kept["tensorboard"]["logdir"] = str(run_dir / kept["tensorboard"]["logdir"])
+    if "wandb" in kept:
+        kept["wandb"]["dir"] = str(run_dir / kept["wandb"]["dir"])
+    if kept.get("mlflow", {}).get("tracking_uri") == LOCAL_MLRUNS:
+        kept["mlflow"]["tracking_uri"] = (run_dir / "mlruns").as_uri()
+    return kept
+
+
+def _stored(run_dir: Path) -> dict:
     try:
-        return json.loads((Path(run_dir) / "trackers.json").read_text())
+        kept = json.loads((Path(run_dir) / "trackers.json").read_text())
     except (OSError, ValueError):
         return {}
+    return {k: v for k, v in kept.items() if k in TRACKERS and isinstance(v, dict)} if isinstance(kept, dict) else {}
 
 
 def where(kept: dict) -> list[str]:
@@ -112,39 +124,54 @@ def _wandb_callback():
 
 
 def log_stage(run_dir: Path, stage: str, metrics: dict[str, float], params: dict | None = None) -> list[str]:
-    """Log a stage's scores (stack, report) as one tracker run named `stage`; returns a line per tracker."""
+    """Log a stage's scores (stack, report) as one tracker run named `stage`; returns a line to print per
+    tracker. A tracker that fails (no network, a server down, a package gone) gives a note, not an error."""
     kept, lines = read(run_dir), []
     metrics = {_key(k): float(v) for k, v in metrics.items()}
     params = {_key(k): v for k, v in (params or {}).items()}
-    if "tensorboard" in kept:
-        from tensorboardX import SummaryWriter
-
-        logdir = Path(kept["tensorboard"]["logdir"]) / stage
-        with SummaryWriter(str(logdir)) as writer:
-            for key, value in metrics.items():
-                writer.add_scalar(f"{stage}/{key}", value, 0)
-        lines.append(f"tensorboard: {logdir}")
-    if "wandb" in kept:
-        import wandb
-
-        w = kept["wandb"]
-        run = wandb.init(project=w["project"], group=w["group"], name=stage, job_type=stage, dir=w["dir"],
-                         mode=w["mode"], config=params, reinit="create_new", settings=wandb.Settings(silent=True))
-        run.log(metrics)
-        run.finish()
-        lines.append(f"wandb ({w['mode']}): {Path(run.dir).parent if w['mode'] == 'offline' else run.url}")
-    if "mlflow" in kept:
-        import mlflow
-
-        m = kept["mlflow"]
-        _allow_file_store(m)
-        mlflow.set_tracking_uri(m["tracking_uri"])
-        mlflow.set_experiment(m["experiment"])
-        with mlflow.start_run(run_name=stage):
-            mlflow.log_params(params)
-            mlflow.log_metrics(metrics)
-        lines.append(f"mlflow: {m['tracking_uri']} (experiment {m['experiment']!r}, run {stage!r})")
+    for name in kept:  # the stage's own outputs are written already: a tracker that fails is a note
+        try:
+            lines.append(f"logged the {stage} scores to {_LOGGERS[name](kept[name], stage, metrics, params)}")
+        except Exception as exc:  # noqa: BLE001 (network, server, package: whatever the tracker raises)
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            lines.append(f"note: could not log the {stage} scores to {name} ({type(exc).__name__}: {reason}); "
+                         f"the {stage} outputs are written")
     return lines
+
+
+def _log_tensorboard(settings: dict, stage: str, metrics: dict, params: dict) -> str:
+    from tensorboardX import SummaryWriter
+
+    logdir = Path(settings["logdir"]) / stage
+    with SummaryWriter(str(logdir)) as writer:
+        for key, value in metrics.items():
+            writer.add_scalar(f"{stage}/{key}", value, 0)
+    return f"tensorboard: {logdir}"
+
+
+def _log_wandb(w: dict, stage: str, metrics: dict, params: dict) -> str:
+    import wandb
+
+    run = wandb.init(project=w["project"], group=w["group"], name=stage, job_type=stage, dir=w["dir"],
+                     mode=w["mode"], config=params, reinit="create_new", settings=wandb.Settings(silent=True))
+    run.log(metrics)
+    run.finish()
+    return f"wandb ({w['mode']}): {Path(run.dir).parent if w['mode'] == 'offline' else run.url}"
+
+
+def _log_mlflow(m: dict, stage: str, metrics: dict, params: dict) -> str:
+    import mlflow
+
+    _allow_file_store(m)
+    mlflow.set_tracking_uri(m["tracking_uri"])
+    mlflow.set_experiment(m["experiment"])
+    with mlflow.start_run(run_name=stage):
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+    return f"mlflow: {m['tracking_uri']} (experiment {m['experiment']!r}, run {stage!r})"
+
+
+_LOGGERS = {"tensorboard": _log_tensorboard, "wandb": _log_wandb, "mlflow": _log_mlflow}
 
 
 def _allow_file_store(settings: dict) -> None:

@@ -108,3 +108,11 @@ def test_each_model_trains_its_folds_at_its_measured_fraction(tmp_path, demo_dir
     out = capsys.readouterr().out
     assert "test_resnet@32px/batch32/amp=True needs 40.00 GiB per fold (measured now): 2 fold(s) per GPU (gpu 0.5)" in out
     assert json.loads((tmp_path / "cache" / "gpu_memory.json").read_text())["Stand-in GPU"] == needs
+
+
+def test_a_cache_of_another_shape_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path))
+    for text, kept in (("[1, 2]", {}), ("not json", {}),
+                       ('{"A": 5, "B": {"bad": "x", "zero": 0, "ok": 3}}', {"B": {"ok": 3}})):
+        packing.cache_file().write_text(text)
+        assert packing._read_cache() == kept

@@ -23,7 +23,7 @@ EXPECT = {
     "python -m ensemble.tune --space demo_albumentations --name albu": "Leaderboard (log_loss",
     "python -m ensemble.tune --space demo --name tracked --smoke --logger": "upload with: wandb sync",
     "python -m ensemble.predict --run runs/tracked": "predicted 2 model(s)",
-    "python -m ensemble.stack --run runs/tracked --method greedy": "logged the scores to mlflow",
+    "python -m ensemble.stack --run runs/tracked --method greedy": "logged the stack scores to mlflow",
     "python -m ensemble.tune --space demo_retrieval": "Leaderboard (digix",
     "python -m ensemble.predict --run runs/demo_retrieval": "oof_tta digix",
     "python -m ensemble.retrieve --run runs/demo_retrieval": "winner: ",

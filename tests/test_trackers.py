@@ -89,7 +89,7 @@ def test_sweep_stack_and_report_log_to_tensorboard_wandb_and_mlflow_offline(tmp_
         done = run(f"ensemble.{stage}", "--run", run_dir)
         assert done.returncode == 0, done.stdout + done.stderr
         if stage != "predict":
-            assert sum("logged the" in line for line in done.stdout.splitlines()) == 3, done.stdout
+            assert sum(f"logged the {stage} scores to" in line for line in done.stdout.splitlines()) == 3, done.stdout
     leaderboard = pd.read_csv(run_dir / "leaderboard.csv")
     scores = pd.read_csv(run_dir / "ensemble" / "scores.csv")
 
@@ -147,9 +147,25 @@ def test_a_run_at_a_uri_refuses_loggers_before_writing(tmp_path, demo_dir):
     assert not (tmp_path / "bucket").exists()
 
 
-def test_trackers_json_keeps_earlier_launches_choices(tmp_path):
-    first = trackers.remember(["mlflow"], tmp_path, "r")
-    again = trackers.remember(["tensorboard"], tmp_path, "r")
+def test_trackers_json_keeps_earlier_launches_choices_relative_to_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "r"
+    run.mkdir()
+    first = trackers.remember(["mlflow"], run, "r")
+    again = trackers.remember(["tensorboard"], run, "r")
     assert set(again) == {"mlflow", "tensorboard"} and again["mlflow"] == first["mlflow"]
-    assert trackers.remember([], tmp_path, "r") == again  # a resume without --logger logs where it did
-    assert first["mlflow"]["tracking_uri"] == (tmp_path / "mlruns").as_uri()
+    assert trackers.remember([], run, "r") == again  # a resume without --logger logs where it did
+    assert first["mlflow"]["tracking_uri"] == (run / "mlruns").resolve().as_uri()
+    moved = run.rename(tmp_path / "moved")  # a moved run logs where it is now
+    assert trackers.read(moved)["tensorboard"]["logdir"] == str((moved / "tune").resolve())
+    assert trackers.read(moved)["mlflow"]["tracking_uri"] == (moved / "mlruns").resolve().as_uri()
+
+
+def test_a_tracker_that_fails_after_the_outputs_are_written_is_a_note(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trackers.remember(["mlflow", "tensorboard"], tmp_path, "r")
+    (tmp_path / "mlruns").write_text("not a directory")  # MLflow cannot make its store here
+    lines = trackers.log_stage(tmp_path, "stack", {"greedy+views": 0.5})
+    assert sorted(lines)[0] == f"logged the stack scores to tensorboard: {(tmp_path / 'tune' / 'stack').resolve()}"
+    assert sorted(lines)[1].startswith("note: could not log the stack scores to mlflow (") and \
+        sorted(lines)[1].endswith("; the stack outputs are written"), lines

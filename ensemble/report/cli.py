@@ -46,7 +46,7 @@ def report(args: argparse.Namespace, command: str = "python -m ensemble.report")
             logged = trackers.log_stage(run.dir, "report", *_scores(content))
     print(f"wrote {where}/index.html")
     for line in logged:
-        print(f"logged the models' scores to {line}")
+        print(line)
     return where
 
 

@@ -48,7 +48,7 @@ def stack(args: argparse.Namespace, command: str = "python -m ensemble.stack") -
             print_summary(rows, winner, metric, data, run.show(run.ensemble_dir))
             scores = {r.method: r.cv_score if r.cv_score_thresholded is None else r.cv_score_thresholded for r in rows}
             for line in trackers.log_stage(run.dir, "stack", scores, {"metric": metric.name, "winner": winner.method}):
-                print(f"logged the scores to {line}")
+                print(line)
     return rows
 
 

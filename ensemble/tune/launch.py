@@ -364,6 +364,7 @@ def run_sweep(space: spaces.Space, location: str | Path, *, resume: bool = False
 def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, verbose, loggers) -> pd.DataFrame:
     """The locked part of run_sweep: plan, check the cluster, write the plan, train, leaderboard."""
     run.pull_artifacts()
+    trackers.check_installed(sorted(set(loggers) | set(trackers.read(run.dir))))  # a resume logs where it did
     plan = plan_sweep(space, run, resume=resume, smoke=smoke)
     states = {c["model_id"]: run.model_state(c["model_id"]) for c in plan.configs}
     todo = [c for c in plan.configs if states[c["model_id"]] == "todo"]

@@ -31,6 +31,7 @@ from ensemble.run.layout import stage_size
 from ensemble.run.storage import cache_root
 
 SAFETY = 0.85  # of a GPU's memory that packed folds may fill
+MEASURE_TIMEOUT = 900  # seconds for the measuring task: imports, cuDNN's autotuning, a few backbones
 MAX_PER_GPU = 64  # folds (processes) per GPU; also where Ray's 1e-4 resolution still tells n from n + 1
 GIB = 2 ** 30
 
@@ -47,10 +48,15 @@ def cache_file() -> Path:
 
 
 def _read_cache() -> dict:
+    """{GPU name: {key: bytes}}; what is missing, unreadable or of another shape is measured again."""
     try:
-        return json.loads(cache_file().read_text())
+        cache = json.loads(cache_file().read_text())
     except (OSError, ValueError):
-        return {}  # none yet, or unreadable: measured again
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {gpu: {k: v for k, v in needs.items() if isinstance(v, (int, float)) and v > 0}
+            for gpu, needs in cache.items() if isinstance(needs, dict)}
 
 
 def fractions(configs: list[dict], *, cpus: float = 1.0, log=print) -> dict[str, float]:
@@ -114,7 +120,13 @@ def _run_on_a_gpu(configs: list[dict], cache: dict, cpus: float) -> tuple[dict |
     import ray
 
     task = ray.remote(max_calls=1)(_measure).options(num_gpus=1, num_cpus=cpus, scheduling_strategy="DEFAULT")
-    return ray.get(task.remote(configs, cache))
+    ref = task.remote(configs, cache)
+    try:
+        return ray.get(ref, timeout=MEASURE_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise UserError(f"resources.gpu: auto waited {MEASURE_TIMEOUT} s for a whole free GPU to measure on (every "
+                        "GPU is partly in use?). Give resources.gpu a number. Nothing was written.") from None
 
 
 def _measure(configs: list[dict], cache: dict) -> tuple[dict | None, dict]:
@@ -131,8 +143,12 @@ def _measure(configs: list[dict], cache: dict) -> tuple[dict | None, dict]:
         if key not in known:
             params = config["params"]
             size = max(stage_size(config, stage) for stage in config["stages"])
-            out[key] = training_peak(config["backbone"], len(config.get("classes") or [0, 1]), params["batch_size"],
-                                     size, bool(params.get("amp", True)))["need_bytes"]
+            try:
+                out[key] = training_peak(config["backbone"], len(config.get("classes") or [0, 1]),
+                                         params["batch_size"], size, bool(params.get("amp", True)))["need_bytes"]
+            except torch.cuda.OutOfMemoryError:  # more than the whole GPU: `pack` says what to lower
+                torch.cuda.empty_cache()
+                out[key] = torch.cuda.get_device_properties(0).total_memory + 1
     return {"name": name, "total": torch.cuda.get_device_properties(0).total_memory}, out
 
 
