@@ -272,6 +272,29 @@ def test_dataset_item_shapes_and_views(demo_dir):
     assert torch.equal(xv[0, 1], xv[0, 0].flip(-1))
 
 
+def test_loader_workers_start_after_the_parent_used_opencvs_thread_pool(demo_dir):
+    """A fold with 2+ CPUs runs OpenCV's thread pool before its DataLoader forks workers; a worker that then
+    calls cv2.setNumThreads(1) waits forever (opencv#5150). A fresh process, so the pool's state is known."""
+    import subprocess
+    import sys
+
+    code = f"""
+import cv2, numpy as np
+from ensemble.data import demo_data
+from ensemble.data.loader import ImageDataset, create_loader
+from ensemble.data.manifest import read_manifest
+cv2.setNumThreads(2)
+big = np.zeros((2000, 2000, 3), np.uint8)
+for _ in range(5):
+    cv2.GaussianBlur(big, (9, 9), 0)  # the parent's pool threads run
+m = read_manifest(demo_data.demo_manifest("multiclass", {str(demo_dir)!r}), check_images="none")
+batches = list(create_loader(ImageDataset(m.image_paths[:32], m.targets()[:32], 32), 8, cpus=3))  # 2 workers
+print(len(batches))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["4"], out.stderr[-2000:]
+
+
 def test_augmentation_is_seeded_per_epoch(demo_dir):
     paths, y = demo_paths(demo_dir, 4)
     ds = ImageDataset(paths, y, 32, augment="rotate:20+shift:0.1")

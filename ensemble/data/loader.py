@@ -207,8 +207,10 @@ def loader_workers(cpus: float) -> int:
 
 
 def _worker_init(_):
-    # Each worker is one CPU's worth of decoding: no OpenCV or torch thread pools.
-    cv2.setNumThreads(1)
+    # Each worker is one CPU's worth of decoding: no OpenCV or torch thread pools. 0, not 1: in a worker
+    # forked from a process whose OpenCV pool has run (a fold with 2+ CPUs), setNumThreads(1) waits forever
+    # on the parent's pool threads, which the fork did not copy (opencv#5150; 0 only turns threading off).
+    cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 

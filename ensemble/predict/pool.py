@@ -204,7 +204,7 @@ def _one_thread(_):
     import cv2
     import torch
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)  # 0, not 1: 1 hangs in a forked worker (ensemble.data.loader._worker_init)
     torch.set_num_threads(1)
 
 
