@@ -105,7 +105,7 @@ def bench_greedy(n_models: int, n: int, n_classes: int, iterations: int) -> None
     for metric in ("log_loss", "accuracy"):
         for dtype in (np.float32, np.float64):
             proba = z if dtype == np.float32 else z.astype(np.float64)
-            est, t = _timed(lambda: GreedySelection(metric, iterations=iterations).fit(proba, y))
+            est, t = _timed(lambda p=proba: GreedySelection(metric, iterations=iterations).fit(p, y))
             m = get_metric(metric)
             best = min(m.sign() * m(y, p) for p in proba) * m.sign()
             target = " (target <= 0.5 s)" if metric == "log_loss" else ""
