@@ -94,7 +94,7 @@ def bench_augment(paths: list[str], folder: Path, size: int, batch: int, repeats
 
 def bench_check(n: int, resume_n: int, repeats: int) -> None:
     """A launch's image check (ensemble.data.manifest.ImageChecks) on n 640x480 JPEG photos, on every CPU:
-    (a) the check as it was (a full decode of each image, kept below), (b) a first launch (reduced decode,
+    (a) the check as it was (a full decode of each image, kept below), (b) a first launch (blank scans,
     empty cache), the same on a process pool (why threads), (c) a resume of the same unchanged files (stat +
     cache lookup), and one image's decode on one thread before and now (the ratio that shared CPUs blur
     least), all interleaved, best of `repeats`; then (d) a whole resume check of a `resume_n`-image
@@ -170,8 +170,8 @@ def bench_check(n: int, resume_n: int, repeats: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"{n} JPEG photos 640x480 q90 ({size:.0f} KB each), {os.cpu_count()} CPUs, page cache warm, best of {repeats}")
     print(f"(a) before: full decode, a thread per CPU : {n / best['before']:8.0f} images/s")
-    print(f"(b) first launch: reduced decode, threads  : {n / best['first']:8.0f} images/s")
-    print(f"    the same decode on a process pool      : {n / best['processes']:8.0f} images/s")
+    print(f"(b) first launch: blank scans, threads     : {n / best['first']:8.0f} images/s")
+    print(f"    the same on a forked process pool      : {n / best['processes']:8.0f} images/s")
     print(f"(c) resume, unchanged files (stat + cache) : {n / best['resume']:8.0f} images/s")
     print(f"ratio first launch / before               : {best['before'] / best['first']:.2f}x  (target >= 2)")
     print(f"ratio resume / first launch               : {best['first'] / best['resume']:.0f}x")
