@@ -283,3 +283,13 @@ def test_a_uri_run_keeps_its_checks_on_this_node_never_at_the_uri(tmp_path, demo
         assert len(calls) == decoded
     assert (Run.on_node(uri).cache_dir / "image_checks.parquet").exists()
     assert not list((tmp_path / "store").rglob("image_checks*")), "the cache was pushed"
+
+
+def test_a_frame_header_claiming_a_huge_picture_is_refused_as_by_a_full_decode():
+    """A damaged SOF that claims 60000 x 60000 in a 25 KB file: no stand-in is built (it would be larger than
+    the file), and although its 1/8 decode fits OpenCV's pixel limit, the full picture does not: refused."""
+    data = bytearray(_jpegs()["baseline"])
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
+    assert with_blank_scans(bytes(data)) is None
+    assert manifest_mod._imdecode(bytes(data)) is None and not manifest_mod._jpeg_decodes_reduced(bytes(data))

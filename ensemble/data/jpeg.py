@@ -62,7 +62,7 @@ def with_blank_scans(data: bytes) -> bytes | None:
         elif code == 0xDA:
             if kept:  # a second scan (progressive-like layouts of sequential data): decoded as it is
                 return None
-            blank = _blank_scan(body, frame, tables, restart)
+            blank = _blank_scan(body, frame, tables, restart, len(data))
             i = np.searchsorted(scan_ends, end)
             if blank is None or i == len(scan_ends):
                 return None
@@ -103,8 +103,9 @@ def _codes_for_zero(body: bytes) -> tuple | None:
     return tuple(found)
 
 
-def _blank_scan(body: bytes, frame, tables: dict, restart: int) -> bytes | None:
-    """The entropy-coded data of a scan (an SOS header's `body`) whose blocks are all zero."""
+def _blank_scan(body: bytes, frame, tables: dict, restart: int, size: int) -> bytes | None:
+    """The entropy-coded data of a scan (an SOS header's `body`) whose blocks are all zero; None when it
+    would be larger than the file (`size` bytes), as for a damaged frame header claiming 60000 x 60000."""
     if frame is None or not body:
         return None
     width, height, comps = frame
@@ -125,6 +126,8 @@ def _blank_scan(body: bytes, frame, tables: dict, restart: int) -> bytes | None:
     else:  # h x v blocks of each component per MCU
         mcus = -(-width // (hmax * 8)) * -(-height // (vmax * 8))
         mcu = "".join((dc + ac) * comps[c][0] * comps[c][1] for c, (dc, ac) in zip(ids, codes))
+    if mcus * len(mcu) > 8 * size:
+        return None
     return _blank_data(mcu, mcus, restart)
 
 

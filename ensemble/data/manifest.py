@@ -481,10 +481,14 @@ def _jpeg_decodes_reduced(data: bytes) -> bool:
         return False
     blank = with_blank_scans(data)  # None: progressive, or not cleanly parsed: the file itself, reduced
     try:
-        return cv2.imdecode(np.frombuffer(data if blank is None else blank, np.uint8),
-                            cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
+        small = cv2.imdecode(np.frombuffer(data if blank is None else blank, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
     except cv2.error:
         return False
+    # OpenCV refuses a full decode over its pixel limit, which the 1/8 decode stays under: near it, decode in full.
+    return small is not None and small.shape[0] * small.shape[1] * 64 <= _MAX_PIXELS
+
+
+_MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))  # OpenCV's own default and override
 
 
 # --------------------------------------------------------------------------- decoding
