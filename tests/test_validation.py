@@ -192,8 +192,8 @@ def test_a_sequential_jpeg_is_checked_with_blank_scans_a_progressive_one_as_it_i
             assert blank is None
             continue
         assert blank is not None and len(blank) < len(data) / 5, variant
-        small = cv2.imdecode(np.frombuffer(blank, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
-        assert small is not None and small.shape == (30, 40), variant  # 320x240 at 1/8
+        small = cv2.imdecode(np.frombuffer(blank, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
+        assert small is not None and small.shape[:2] == (30, 40), variant  # 320x240 at 1/8
         assert manifest_mod._jpeg_decodes_reduced(data)
     assert capfd.readouterr().err == ""
 
@@ -293,3 +293,49 @@ def test_a_frame_header_claiming_a_huge_picture_is_refused_as_by_a_full_decode()
     data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
     assert with_blank_scans(bytes(data)) is None
     assert manifest_mod._imdecode(bytes(data)) is None and not manifest_mod._jpeg_decodes_reduced(bytes(data))
+
+
+def _with_sampling(data: bytes, factors: list[int]) -> bytes:
+    """`data` with its SOF's sampling bytes (one per component, 0xHV) replaced."""
+    d = bytearray(data)
+    sof = d.index(b"\xff\xc0")
+    for i, hv in enumerate(factors):
+        d[sof + 11 + 3 * i] = hv
+    return bytes(d)
+
+
+@pytest.mark.parametrize("factors", [[0x10], [0x01], [0x50]], ids=["v0", "h0", "h5"])
+def test_a_sampling_factor_libjpeg_refuses_is_refused_not_a_crash(factors):
+    data = _with_sampling(_jpegs()["grey"], factors)
+    assert manifest_mod._imdecode(data) is None
+    assert with_blank_scans(data) is None and not manifest_mod._jpeg_decodes_reduced(data)
+
+
+def test_fractional_chroma_sampling_is_refused_as_by_a_full_decode():
+    """libjpeg refuses chroma sampling that is not a whole fraction of luma's when it upsamples: a grey decode
+    never does, so the check decodes in colour."""
+    data = _with_sampling(_jpegs()["baseline"], [0x11, 0x12, 0x13])
+    assert manifest_mod._imdecode(data) is None and not manifest_mod._jpeg_decodes_reduced(data)
+
+
+def test_duplicate_component_ids_get_no_stand_in(capfd):
+    d = bytearray(_jpegs()["baseline"])
+    sof, sos = d.index(b"\xff\xc0"), d.index(b"\xff\xda")
+    d[sof + 13] = d[sof + 10]  # component 2 takes component 1's id, in the frame and the scan
+    d[sos + 7] = d[sos + 5]
+    data = bytes(d)
+    assert with_blank_scans(data) is None
+    assert manifest_mod._jpeg_decodes_reduced(data) == (manifest_mod._imdecode(data) is not None)
+
+
+def test_a_restart_marker_after_every_block_keeps_the_stand_in_small():
+    """Restart intervals of one MCU: the stand-in repeats eight built intervals (not one Python chunk per
+    interval), and a damaged frame height that would make it larger than the file gets none."""
+    data = _jpeg(_photo().convert("L").resize((320, 240)), "L", restart_marker_blocks=1)
+    blank = with_blank_scans(data)
+    assert blank is not None and blank.count(b"\xff\xd7") == 40 * 30 // 8 - 1  # 1200 MCUs: RST7 ends 149 periods
+    assert cv2.imdecode(np.frombuffer(blank, np.uint8), cv2.IMREAD_REDUCED_COLOR_8).shape[:2] == (30, 40)
+    d = bytearray(data)
+    sof = d.index(b"\xff\xc0")
+    d[sof + 5:sof + 7] = (65000).to_bytes(2, "big")
+    assert with_blank_scans(bytes(d)) is None

@@ -73,13 +73,17 @@ def with_blank_scans(data: bytes) -> bytes | None:
 
 
 def _frame(body: bytes) -> tuple[int, int, dict] | None:
-    """(width, height, {component id: (h, v) sampling}) of a SOF segment."""
+    """(width, height, {component id: (h, v) sampling}) of a SOF segment; None unless libjpeg would take it
+    as it is (sampling factors 1-4, distinct component ids), so a damaged one is decoded as it is."""
     if len(body) < 6:
         return None
     height, width, count = body[1] << 8 | body[2], body[3] << 8 | body[4], body[5]
     if len(body) < 6 + 3 * count or not (height and width and count):
         return None  # height 0: defined later by a DNL marker
-    return width, height, {body[6 + 3 * i]: (body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count)}
+    comps = {body[6 + 3 * i]: (body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count)}
+    if len(comps) < count or not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in comps.values()):
+        return None
+    return width, height, comps
 
 
 @functools.lru_cache(maxsize=256)
@@ -126,19 +130,24 @@ def _blank_scan(body: bytes, frame, tables: dict, restart: int, size: int) -> by
     else:  # h x v blocks of each component per MCU
         mcus = -(-width // (hmax * 8)) * -(-height // (vmax * 8))
         mcu = "".join((dc + ac) * comps[c][0] * comps[c][1] for c, (dc, ac) in zip(ids, codes))
-    if mcus * len(mcu) > 8 * size:
+    interval = restart if 0 < restart < mcus else mcus
+    if -(-mcus // interval) * (-(-interval * len(mcu) // 8) + 2) > size:
         return None
-    return _blank_data(mcu, mcus, restart)
+    return _blank_data(mcu, mcus, interval)
 
 
 @functools.lru_cache(maxsize=64)
-def _blank_data(mcu: str, mcus: int, restart: int) -> bytes:
-    """`mcus` copies of an MCU's bits, a restart marker every `restart` MCUs, each interval padded with 1s."""
-    interval = restart if 0 < restart < mcus else mcus
-    chunks = []
-    for k, first in enumerate(range(0, mcus, interval)):
-        bits = mcu * min(interval, mcus - first)
-        bits += "1" * (-len(bits) % 8)
-        chunk = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
-        chunks.append(chunk if first + interval >= mcus else chunk + bytes([0xFF, 0xD0 + k % 8]))
-    return b"".join(chunks)
+def _blank_data(mcu: str, mcus: int, interval: int) -> bytes:
+    """`mcus` copies of an MCU's bits, a restart marker after every `interval` MCUs but the last, each interval
+    padded with 1s. Full intervals differ only in their marker (RST0-RST7): eight are built, then repeated."""
+
+    def coded(n: int) -> bytes:
+        bits = mcu * n + "1" * (-(n * len(mcu)) % 8)
+        return int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+
+    full, last = divmod(mcus, interval)
+    if not last:
+        full, last = full - 1, interval
+    chunk = coded(interval)
+    period = b"".join(chunk + bytes([0xFF, 0xD0 + k]) for k in range(8))
+    return period * (full // 8) + period[:(full % 8) * (len(chunk) + 2)] + coded(last)

@@ -431,13 +431,11 @@ def _read_checks(path: Path | None) -> dict[str, tuple[int, int]]:
         return {}
 
 
-# Threads, not processes: cv2 decodes and file reads release the GIL, so a thread per CPU keeps the CPUs busy,
-# with no worker start-up and no fork of a launch process that may already run Ray's or OpenCV's threads.
-# Since blank scans (~0.1 ms a photo, a third of it Python holding the GIL) a forked 2-process pool checks
-# ~1.4x more images/s (scripts/bench_data.py --check), but a fork is unsafe here and a spawned pool pays
-# ~1 s of imports, what threads take for ~8k photos. Chunks of 64 keep the pool's cost per task small. Ray
-# tasks could spread a first check over a cluster, but one 2-CPU node already checks 100k photos in about
-# 15 s, and a resume decodes only what changed.
+# Threads, not processes: cv2 decodes and file reads release the GIL, so a thread per CPU keeps the CPUs busy
+# (2 CPUs, scripts/bench_data.py --check: threads matched or beat a forked 2-process pool), with no worker
+# start-up and no fork of a launch process that may already run Ray's or OpenCV's threads. Chunks of 64 keep
+# the pool's cost per task small. Ray tasks could spread a first check over a cluster, but one 2-CPU node
+# already checks 100k photos in about 11 s, and a resume decodes only what changed.
 _CHECK_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _CHECK_CHUNK = 64
 
@@ -458,10 +456,10 @@ def _decode_chunk(paths: list[str]) -> list[bool]:
 def _decodes(path: str) -> bool:
     """Whether `path` decodes as training will decode it (`_imread`), at a fraction of the cost for a JPEG.
 
-    A JPEG is decoded at 1/8 scale in grey, and a sequential one with blank scans (`ensemble.data.jpeg`):
+    A JPEG is decoded at 1/8 scale, and a sequential one with blank scans (`ensemble.data.jpeg`):
     libjpeg parses every marker segment, where a full decode's refusals come from (damaged entropy-coded
-    data only makes it warn), and decodes ~1/30 of the data: 4.6x less CPU than a reduced decode of the
-    file, 9x less than a full decode, per 640x480 photo at quality 90 (scripts/bench_data.py --check).
+    data only makes it warn), and decodes ~1/30 of the data: 0.15-0.18 ms per 640x480 photo at quality 90
+    against 0.96 ms for a full decode (scripts/bench_data.py --check). A progressive JPEG gains ~10%.
     It refuses the same files as a full decode (tests/test_validation.py), and one it refuses is decoded in
     full before it counts as bad, so the check never refuses a file that training reads. PNG and the rest: in
     full, as before (a reduced decode of a PNG inflates the whole file anyway and is no faster).
@@ -479,9 +477,12 @@ def _decodes(path: str) -> bool:
 def _jpeg_decodes_reduced(data: bytes) -> bool:
     if not _has_jpeg_end(data):
         return False
-    blank = with_blank_scans(data)  # None: progressive, or not cleanly parsed: the file itself, reduced
     try:
-        small = cv2.imdecode(np.frombuffer(data if blank is None else blank, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+        blank = with_blank_scans(data)  # None: progressive, or not cleanly parsed: the file itself, reduced
+    except Exception:  # a damaged header the parse did not foresee: the file itself
+        blank = None
+    try:  # in colour: a grey decode skips the chroma upsampling, which refuses fractional sampling factors
+        small = cv2.imdecode(np.frombuffer(data if blank is None else blank, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
     except cv2.error:
         return False
     # OpenCV refuses a full decode over its pixel limit, which the 1/8 decode stays under: near it, decode in full.
