@@ -458,8 +458,8 @@ def _decodes(path: str) -> bool:
 
     A JPEG is decoded at 1/8 scale, and a sequential one with blank scans (`ensemble.data.jpeg`):
     libjpeg parses every marker segment, where a full decode's refusals come from (damaged entropy-coded
-    data only makes it warn), and decodes ~1/30 of the data: 0.15-0.18 ms per 640x480 photo at quality 90
-    against 0.96 ms for a full decode (scripts/bench_data.py --check). A progressive JPEG gains ~10%.
+    data only makes it warn), and decodes a tenth to a fifteenth of the bytes: 0.15-0.18 ms per 640x480 photo
+    at quality 90 against ~1 ms for a full decode (scripts/bench_data.py --check). A progressive JPEG gains ~10%.
     It refuses the same files as a full decode (tests/test_validation.py), and one it refuses is decoded in
     full before it counts as bad, so the check never refuses a file that training reads. PNG and the rest: in
     full, as before (a reduced decode of a PNG inflates the whole file anyway and is no faster).
@@ -485,11 +485,9 @@ def _jpeg_decodes_reduced(data: bytes) -> bool:
         small = cv2.imdecode(np.frombuffer(data if blank is None else blank, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
     except cv2.error:
         return False
-    # OpenCV refuses a full decode over its pixel limit, which the 1/8 decode stays under: near it, decode in full.
-    return small is not None and small.shape[0] * small.shape[1] * 64 <= _MAX_PIXELS
-
-
-_MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))  # OpenCV's own default and override
+    # OpenCV refuses a full decode over its pixel limit (2^30 unless OPENCV_IO_MAX_IMAGE_PIXELS says otherwise),
+    # which a 1/8 decode stays under: a picture that may be over 2^26 pixels is decoded in full, under OpenCV's rule.
+    return small is not None and small.shape[0] * small.shape[1] * 64 <= 1 << 26
 
 
 # --------------------------------------------------------------------------- decoding
