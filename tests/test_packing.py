@@ -49,7 +49,7 @@ def test_training_peak_takes_two_steps_on_a_cpu_and_reports_no_bytes():
     assert out["need_bytes"] is None and out["step_seconds"] > 0
 
 
-def test_measurements_are_cached_per_gpu_name_and_a_second_launch_measures_nothing(tmp_path, monkeypatch):
+def test_measurements_are_cached_per_gpu_and_torch_and_a_second_launch_measures_nothing(tmp_path, monkeypatch):
     """The GPU task's own code (`_measure`) in this process, on a stand-in CUDA device; the Ray hop is
     tested with logical GPUs below."""
     monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "cache"))
@@ -62,6 +62,7 @@ def test_measurements_are_cached_per_gpu_name_and_a_second_launch_measures_nothi
     monkeypatch.setattr(packing, "training_peak", fake_peak)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Stand-in GPU")
+    monkeypatch.setattr(torch, "__version__", "2.9.0")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"total_memory": 80 * GIB}))
     monkeypatch.setattr(packing, "_run_on_a_gpu", lambda configs, cache, cpus: packing._measure(configs, cache))
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
@@ -69,17 +70,20 @@ def test_measurements_are_cached_per_gpu_name_and_a_second_launch_measures_nothi
     lines = []
     assert packing.fractions(configs, log=lines.append) == {"a": 1 / 8, "b": 1 / 8, "c": 0.25}
     assert sorted(calls) == [("test_resnet", 64), ("test_resnet", 128)]  # once per key, not per model
-    assert ("gpu: auto on Stand-in GPU (80 GiB): test_resnet@128px/batch32/amp=True needs 16.00 GiB per fold "
+    assert ("gpu: auto on Stand-in GPU, torch 2.9.0 (80 GiB): test_resnet@128px/batch32/amp=True needs 16.00 GiB per fold "
             "(measured now): 4 fold(s) per GPU (gpu 0.25)") in lines
     cache = json.loads((tmp_path / "cache" / "gpu_memory.json").read_text())
-    assert cache == {"Stand-in GPU": {"test_resnet@64px/batch32/amp=True": 8 * GIB,
+    assert cache == {"Stand-in GPU, torch 2.9.0": {"test_resnet@64px/batch32/amp=True": 8 * GIB,
                                       "test_resnet@128px/batch32/amp=True": 16 * GIB}}
     lines.clear()
     assert packing.fractions(configs + [_config(size=32, model_id="d")], log=lines.append)["d"] == 0.0588  # 17 folds
     assert calls[2:] == [("test_resnet", 32)]  # only the new key was measured
     assert [line for line in lines if "(measured now)" in line] == [
-        "gpu: auto on Stand-in GPU (80 GiB): test_resnet@32px/batch32/amp=True needs 4.00 GiB per fold (measured now): "
-        "17 fold(s) per GPU (gpu 0.0588)"]
+        "gpu: auto on Stand-in GPU, torch 2.9.0 (80 GiB): test_resnet@32px/batch32/amp=True needs 4.00 GiB per fold "
+        "(measured now): 17 fold(s) per GPU (gpu 0.0588)"]
+    monkeypatch.setattr(torch, "__version__", "2.10.0")  # another torch: its own measurements
+    packing.fractions(configs, log=lines.append)
+    assert sorted(calls[3:]) == [("test_resnet", 64), ("test_resnet", 128)]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ not their memory fits. With `gpu: auto` the launch measures instead:
                model's params say) per (backbone, image size, batch size, AMP) key, at the
                largest image size of the model's stages, and reads the peak memory the
                caching allocator reserved, plus the CUDA context a fold process adds
-  cache        the needs are kept per GPU name in $ENSEMBLE_CACHE_DIR/gpu_memory.json
+  cache        the needs are kept per GPU name and torch version in $ENSEMBLE_CACHE_DIR/gpu_memory.json
                (default ~/.cache/ensemble), so a resume or the next sweep measures nothing
   pack         folds per GPU = floor(GPU memory x SAFETY / need); the model's fraction is
                1 / that, so a GPU holds as many of its folds as fit, with a margin for the
@@ -135,7 +135,8 @@ def _measure(configs: list[dict], cache: dict) -> tuple[dict | None, dict]:
 
     if not torch.cuda.is_available():
         return None, f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}"
-    name = torch.cuda.get_device_name()
+    # Keyed by torch too: another release's allocator and kernels need other amounts of memory.
+    name = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     known = cache.get(name, {})
     out = {}
     for config in configs:
