@@ -41,9 +41,9 @@ def test_fold_resumes_from_a_uri_checkpoint_in_an_empty_mirror(tmp_path, demo_di
     pd.testing.assert_frame_equal(a, b)
 
 
-def test_a_fold_worker_imports_training_without_timms_wandb_hook():
-    """timm imports wandb when it is installed (0.6 s a fold worker); the fold worker's import hides
-    it from timm only: wandb is not loaded, and stays importable for the trackers afterwards."""
+def test_fold_workers_and_tta_actors_import_timm_without_its_wandb_hook():
+    """timm imports wandb when it is installed (0.6 s a worker); a TTA actor's first item and a fold
+    worker's import hide it from timm only: wandb is not loaded, and stays importable for the trackers."""
     import importlib.util
     import subprocess
     import sys
@@ -52,9 +52,11 @@ def test_a_fold_worker_imports_training_without_timms_wandb_hook():
 
     if importlib.util.find_spec("wandb") is None:
         pytest.skip("wandb is not installed (the ensemble[trackers] extra)")
-    code = ("import sys; from ensemble.tune.trial import _import_training; _import_training();"
+    code = ("import sys; from ensemble.predict.pool import Predictor; Predictor(1.0)._torch();"
+            "print('timm' in sys.modules, 'wandb' in sys.modules);"
+            "from ensemble.tune.trial import import_without_wandb; import_without_wandb();"
             "import timm.utils.summary as s; print('wandb' in sys.modules, hasattr(s, 'wandb'));"
             "import wandb; print('wandb' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "False", "True"]
+    assert out.stdout.split() == ["True", "False", "False", "False", "True"]

@@ -19,6 +19,7 @@ from ensemble.errors import DISK_ERRORS, RunFailed, UserError, disk_error
 from ensemble.predict.plan import Job, build_model, load_weights
 from ensemble.predict.tta import activate, merge_embeddings, merge_views
 from ensemble.run import Run
+from ensemble.tune.trial import import_without_wandb
 
 ACTOR_RESTARTS = 2  # per actor; a third death ends the run (PredictFailed, exit 1; rerun to resume)
 
@@ -95,6 +96,7 @@ class Predictor:
         import torch
 
         if self.device is None:  # torch is imported on the first item: placing actors stays cheap
+            import_without_wandb("ensemble.models")  # timm, for build_model
             if self.cpus is not None:  # threads = this actor's CPU share (None: leave the process's setting)
                 torch.set_num_threads(max(1, int(self.cpus)))
                 cv2.setNumThreads(max(1, int(self.cpus)))

@@ -28,7 +28,7 @@ POLL_SECONDS = 0.5
 
 
 def _fold_task(config: dict, fold: int, location: str, epochs: int) -> dict:
-    train_until = _import_training().train_until  # torch + timm: imported in the fold worker only
+    train_until = import_without_wandb().train_until  # torch + timm: imported in the fold worker only
 
     run = Run.on_node(location)  # the directory itself, or this node's mirror of a URI run
     after_epoch = None
@@ -43,28 +43,28 @@ def _fold_task(config: dict, fold: int, location: str, epochs: int) -> dict:
     return train_until(config, fold, run, epochs, cpus=config["resources"].get("cpu", 1), after_epoch=after_epoch)
 
 
-def _import_training():
-    """`ensemble.tune.train` (torch + timm: ~4 s), without timm's optional wandb import.
+def import_without_wandb(module: str = "ensemble.tune.train"):
+    """Import `module` (torch + timm: ~4 s for training) without timm's optional wandb import.
 
     timm imports wandb whenever it is installed (the `ensemble[trackers]` extra), for a
-    logging helper no fold uses: 0.6 s of every fold worker's start here. Trackers log
-    from Tune's driver, so hiding it from this one import costs nothing.
+    logging helper no fold or TTA actor uses: 0.6 s of every such worker's start here.
+    Trackers log from Tune's driver, so hiding it from this one import costs nothing.
     """
+    import importlib
     import sys
 
     hide = "wandb" not in sys.modules
     if hide:
         sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm catches
     try:
-        import ensemble.tune.train as train
+        return importlib.import_module(module)
     finally:
         if hide:
             del sys.modules["wandb"]
-    return train
 
 
 def _warm_up() -> None:
-    _import_training()
+    import_without_wandb()
 
 
 def warm_up_workers(resources: dict, slots: int) -> list:
