@@ -78,6 +78,21 @@ def test_an_unchanged_file_is_not_decoded_again_a_touched_or_replaced_one_is(tmp
     assert check(manifest, cache).decoded == 0
 
 
+def test_a_damaged_copy_of_the_same_size_and_mtime_is_checked_again(tmp_path, photos):
+    """`cp -p` / `rsync -a` of another file keeps the mtime, and bytes damaged in place keep the size:
+    the ctime, which nothing sets back, still tells the cache the file changed."""
+    manifest, root, _ = photos
+    cache = tmp_path / "cache.parquet"
+    assert check(manifest, cache).decoded == 8
+    victim = root / "images" / "p6.jpg"
+    st, data = victim.stat(), victim.read_bytes()
+    victim.write_bytes(data[:100] + bytes(len(data) - 100))  # the same size, zeros after its first 100 bytes
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(UserError, match=r"unreadable or corrupt image at row 7 \(1 row\)"):
+        check(manifest, cache)
+
+
 def test_a_new_file_is_checked(tmp_path, photos):
     manifest, root, frame = photos
     cache = tmp_path / "cache.parquet"

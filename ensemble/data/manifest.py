@@ -378,8 +378,10 @@ def _stat_file(path: str) -> os.stat_result | None:
 
 
 class ImageChecks:
-    """The image files that decoded, keyed by (resolved path, size, mtime_ns) and kept in `path`
+    """The image files that decoded, keyed by (resolved path, size, mtime_ns, ctime_ns) and kept in `path`
     (a run's cache/image_checks.parquet), so a relaunch decodes only the files that are new or changed.
+    The ctime catches a replacement of the same size whose mtime was kept (`cp -p`, `rsync -a`): no tool
+    sets it back, and otherwise only metadata changes move it (chmod, rename, a new hard link: one more check).
 
     Only files that decoded are kept: a bad image is decoded, and reported, again at every launch.
     A missing, unreadable or corrupt cache file counts as empty: everything is checked again.
@@ -389,13 +391,13 @@ class ImageChecks:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
-        self.good = _read_checks(self.path)  # resolved path -> (size, mtime_ns) when it decoded
+        self.good = _read_checks(self.path)  # resolved path -> (size, mtime_ns, ctime_ns) when it decoded
         self.decoded = 0  # files this object decoded (the benchmark and the tests count them)
         self._changed = False
 
     def bad(self, paths: list[str], stats: list[os.stat_result]) -> list[bool]:
         """Whether each file fails to decode; a file unchanged since it last decoded is not decoded again."""
-        keys = [(st.st_size, st.st_mtime_ns) for st in stats]
+        keys = [(st.st_size, st.st_mtime_ns, st.st_ctime_ns) for st in stats]
         todo = [i for i, (p, key) in enumerate(zip(paths, keys)) if self.good.get(p) != key]
         bad = [False] * len(paths)
         for i, failed in zip(todo, _decode_failures([paths[i] for i in todo])):
@@ -413,20 +415,22 @@ class ImageChecks:
         if self.path is None or not self._changed:
             return
         paths = list(self.good)
-        sizes, mtimes = zip(*self.good.values()) if paths else ((), ())
-        frame = pd.DataFrame({"path": paths, "size": np.array(sizes, np.int64), "mtime_ns": np.array(mtimes, np.int64)})
+        keys = np.array(list(self.good.values()), np.int64).reshape(-1, len(_CHECK_KEYS))
+        frame = pd.DataFrame({"path": paths, **dict(zip(_CHECK_KEYS, keys.T))})
         with contextlib.suppress(OSError):  # a cache that cannot be written costs the next launch a full check
             write_parquet(frame, self.path)
         self._changed = False
 
 
-def _read_checks(path: Path | None) -> dict[str, tuple[int, int]]:
+_CHECK_KEYS = ("size", "mtime_ns", "ctime_ns")
+
+
+def _read_checks(path: Path | None) -> dict[str, tuple[int, int, int]]:
     if path is None or not path.is_file():
         return {}
-    try:
-        frame = pd.read_parquet(path, columns=["path", "size", "mtime_ns"])
-        return dict(zip(frame["path"].astype(str), zip(frame["size"].astype(np.int64).tolist(),
-                                                         frame["mtime_ns"].astype(np.int64).tolist())))
+    try:  # a cache of an earlier release (no ctime_ns column) fails here too: everything is checked once
+        frame = pd.read_parquet(path, columns=["path", *_CHECK_KEYS])
+        return dict(zip(frame["path"].astype(str), zip(*(frame[k].astype(np.int64).tolist() for k in _CHECK_KEYS))))
     except Exception:  # any damage (pyarrow raises several kinds): the cache is only ever a shortcut
         return {}
 
