@@ -10,9 +10,16 @@ import pytest
 # Never let a test reach for the model hub (no network here, and it would hang ~50 s).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# Mirrors of URI runs (ensemble.run.storage) go to a temporary directory, never the user's cache; set
-# before Ray starts, so that its workers inherit it.
-os.environ.setdefault("ENSEMBLE_CACHE_DIR", tempfile.mkdtemp(prefix="ensemble-test-cache-"))
+# Mirrors of URI runs (ensemble.run.storage) and gpu: auto's measurements go to a temporary directory,
+# never the user's cache, one per pytest process (`make test` runs two); set before Ray starts, so that
+# its workers inherit it.
+os.environ["ENSEMBLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ensemble-test-cache-")
+
+
+def pytest_collection_modifyitems(items):
+    """The README test first: it takes a quarter of the suite, and `make test`'s workers take the files
+    in this order, so it runs alongside the rest instead of alone at the end."""
+    items.sort(key=lambda item: item.path.name != "test_readme.py")
 
 
 @pytest.fixture(scope="session")
