@@ -30,6 +30,28 @@ def test_fold_resumed_from_checkpoint_equals_uninterrupted(tmp_path, demo_dir):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+def test_the_amp_loss_scale_carries_over_epochs_and_through_last_pt(tmp_path, demo_dir):
+    """GradScaler's loss scale belongs to the fold: it continues from epoch to epoch and through a resume (on a GPU
+    a fresh scaler every epoch would skip its first steps again). Here a CPU scaler that doubles every step."""
+    import torch
+
+    space = spaces.load_space(str(small_space(tmp_path, demo_dir, rows=160)))
+    config = launch.prepare_run(space, tmp_path / "run", resume=False, smoke=False)[0]
+
+    def trainer() -> FoldTrainer:
+        fold = FoldTrainer(config, 0, tmp_path / "run")
+        fold.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
+        return fold
+
+    first = trainer()
+    first.train_epoch()
+    after_one = first.scaler.get_scale()
+    first.train_epoch()
+    assert 1.0 < after_one < first.scaler.get_scale()
+    resumed = trainer()
+    assert resumed.restore() and resumed.scaler.get_scale() == first.scaler.get_scale()
+
+
 def test_a_metrics_file_lagging_behind_last_pt_is_rewritten_on_restore(tmp_path, demo_dir):
     """A crash between saving last.pt and metrics.json: the fold resumes at the checkpoint's epoch and its
     metrics.json catches up, even when no epoch is left to train (else the trial would wait forever)."""

@@ -116,6 +116,9 @@ class FoldTrainer:
         else:
             self.model = create_model(config["backbone"], len(config["classes"]), **kwargs)
         self.model.to(self.device)
+        # AMP's loss scale lives as long as the fold (and in last.pt): a fresh scaler every epoch would start
+        # again at 2^16 and skip the optimizer steps it takes to come back down, every epoch.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and self.params.get("amp", True))
         self.w_train = None  # per-row loss weights, when pseudo-labelled rows train too
         if config.get("init_from") and not (self.dir / "last.pt").exists():  # a round's model: this fold's model
             self.model.load_state_dict(self._parent_weights(config["init_from"]))  # of the earlier round, no other
@@ -311,12 +314,14 @@ class FoldTrainer:
             self._enter_stage(index, stage)
             if state["stage"] == index:  # mid-stage: the optimizer's moments continue too
                 self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when saved without AMP (a CPU run): the scaler starts fresh
+            self.scaler.load_state_dict(state["scaler"])
         return True
 
     def _save(self) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                  "stage": self._stage_index, "history": self.history, "best": self.best,
-                 "skipped_ids": sorted(self.skipped_ids)}
+                 "skipped_ids": sorted(self.skipped_ids), "scaler": self.scaler.state_dict()}
         with atomic_path(self.dir / "last.pt") as tmp:
             torch.save(state, tmp)
 
@@ -347,8 +352,7 @@ class FoldTrainer:
         dataset.epoch = self.epoch
         loader = create_loader(dataset, self.params["batch_size"], shuffle=True, cpus=self.cpus, seed=seed,
                                drop_last=len(dataset) > self.params["batch_size"])
-        use_amp = self.device.type == "cuda" and self.params.get("amp", True)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        use_amp = self.scaler.is_enabled()
         self.model.train()
         frozen_bn_eval(self.model)
         total, count = 0.0, 0
@@ -364,9 +368,9 @@ class FoldTrainer:
                 else:  # pseudo-labelled rows weigh pseudo.weight, labelled rows 1
                     loss = self._weighted_loss(logits, y, self.w_train[index.numpy()])
             self.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(self.optimizer)
-            scaler.update()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             total, count = total + loss.item() * len(x), count + len(x)
         proba, valid_loss = self.predict_valid(stage)
         self.epoch += 1
