@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What a GPU machine of this project lacks (../shared/ENV.md): the script must run without them.
 BLOCKER = """
 import importlib.util, runpy, sys
-BLOCK = {"ray", "lightgbm", "xgboost", "mlxtend", "iterstrat", "faiss"}
+BLOCK = {"ray", "lightgbm", "xgboost", "mlxtend", "iterstrat", "faiss", "albumentations", "wandb"}
 class Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCK:
@@ -37,6 +37,18 @@ def test_gpu_check_runs_its_cpu_safe_parts_without_ray_or_the_boosters(tmp_path)
     assert report["tta"]["8_views_images_per_s"] > 0 and report["tta"]["plain_loop_images_per_s"] > 0
     assert {"test_resnet@32px/batch2/amp=True", "test_efficientnet@32px/batch2/amp=True"} <= set(report["memory"])
     assert report["ray"] == {"skipped": "Ray is not installed"}
+    assert "skipped demo_albumentations.yaml: " in proc.stdout  # its pipeline needs albumentations
+
+
+def test_a_part_that_raises_is_recorded_and_the_other_parts_still_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "--device", "cpu", "--smoke", "--out", str(tmp_path),
+                           "--backbone", "no_such_backbone"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "no_such_backbone" in report["train"]["error"] and report["tta"] == {"skipped": "no trained fold"}
+    assert "test_resnet@32px/batch2/amp=True" in report["memory"] and report["ray"]["skipped"]
+    assert len(report["failures"]) == 1 and "part 'train' ran" in report["failures"][0]
+    assert "Traceback" in proc.stderr and "1 check(s) failed" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run in full")
