@@ -17,8 +17,9 @@ os.environ["ENSEMBLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ensemble-test-cache-
 
 
 def pytest_collection_modifyitems(items):
-    """The README test first: it takes a quarter of the suite, and `make test`'s workers take the files
-    in this order, so it runs alongside the rest instead of alone at the end."""
+    """The README's tests first: together they take a quarter of the suite, and `make test`'s two workers
+    start from this order (xdist's worksteal: the first half to one, the second to the other, then each
+    takes from the other's end when it runs out), so no long test is left to run alone at the end."""
     items.sort(key=lambda item: item.path.name != "test_readme.py")
 
 

@@ -1,8 +1,8 @@
 """Every command the README shows in a ```sh block runs exactly as typed, as a subprocess, and its library
-example (```python) runs too. They run in a scratch directory whose tune_spaces/demo.yaml is a smaller copy of
-the shipped demo space (find_space looks in ./tune_spaces first), with the demo data of this session: the same
-commands, in minutes instead of the full demo's. A README command that this file does not know how to check is
-a failure, so the two stay in sync."""
+example (```python) runs too. The commands of each run (runs/mine, runs/tracked, ...) run in the README's order
+in a scratch directory whose tune_spaces/demo.yaml is a smaller copy of the shipped demo space (find_space looks in
+./tune_spaces first), with the demo data of this session: the same commands, in minutes instead of the full
+demo's. A README command that this file does not know how to check is a failure, so the two stay in sync."""
 
 from __future__ import annotations
 
@@ -97,14 +97,41 @@ def small_demo_retrieval(cwd: Path, demo_dir: Path) -> None:
     (cwd / "tune_spaces" / "demo_retrieval.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
 
 
-def test_every_readme_command_runs_as_typed(tmp_path, demo_dir):
+def run_of(text: str) -> str:
+    """The run a README command (or the library example) works on: runs/NAME, --name NAME, or the sweep's space
+    (its default name); the main run `mine` for the rest (`ensemble --help`)."""
+    for pattern in (r"runs/([\w.-]+)", r"--name ([\w.-]+)", r"--space ([\w.-]+)"):
+        if found := re.search(pattern, text):
+            return found.group(1)
+    return "mine"
+
+
+def by_run() -> dict[str, list[str]]:
+    """The README's commands grouped by the run they work on, each group in the README's order."""
+    groups: dict[str, list[str]] = {}
+    for command in readme_commands():
+        groups.setdefault(run_of(command), []).append(command)
+    return groups
+
+
+def test_the_commands_group_into_the_readmes_runs():
+    groups = by_run()
+    assert {"mine", "albu", "tracked", "demo_rounds", "demo_retrieval"} <= set(groups)
+    assert groups["mine"][0] == "python -m ensemble.tune --space demo --name mine"  # the run is made first
+    assert all(run_of(block) == "mine" for block in readme_blocks("python"))
+
+
+@pytest.mark.parametrize("run", list(by_run()))
+def test_every_readme_command_runs_as_typed(run, tmp_path, demo_dir):
+    """The commands of one run, in the README's order, in a scratch directory of their own (the runs are
+    independent, so two pytest workers can take them); the library example runs after the main run's."""
     small_demo(tmp_path, demo_dir)
     small_demo_retrieval(tmp_path, demo_dir)
     (tmp_path / "scripts").symlink_to(REPO / "scripts")
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=venv_bin + os.pathsep + os.environ["PATH"], ENSEMBLE_DATA_DIR=str(demo_dir),
                RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    for command in readme_commands():
+    for command in by_run()[run]:
         proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         out = proc.stdout + proc.stderr
@@ -112,7 +139,7 @@ def test_every_readme_command_runs_as_typed(tmp_path, demo_dir):
         assert "Traceback" not in out, f"{command}\n{out[-4000:]}"
         expected = next(marker for prefix, marker in EXPECT.items() if command.startswith(prefix))
         assert expected in out, f"{command}: expected {expected!r} in\n{out[-4000:]}"
-    for block in readme_blocks("python"):  # the library example, on the run the commands made
+    for block in [b for b in readme_blocks("python") if run_of(b) == run]:  # the library example, on the run made
         proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, f"{block}\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
