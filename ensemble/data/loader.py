@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -201,9 +203,44 @@ def collate(batch):
     return x, y, torch.tensor([b[2] for b in good]), skipped
 
 
-def loader_workers(cpus: float) -> int:
-    """DataLoader workers for a CPU share: none below 2 CPUs (the trial's own process decodes)."""
-    return max(0, int(cpus) - 1)
+def loader_workers(cpus: float, batch_bytes: int = 0) -> int:
+    """DataLoader workers for a CPU share: none below 2 CPUs (the trial's own process decodes), and no more
+    than this share of /dev/shm holds (`batch_bytes`: one batch as the workers hand it over).
+
+    Each worker keeps up to PREFETCH batches in /dev/shm, and the process that reads them holds up to 2
+    more (measured: 2 workers of 104 KiB batches need 640 KiB). A worker whose batch finds it full does not die:
+    torch prints the error in the worker and the loader waits forever (a container's default /dev/shm is
+    64 MB; one batch of 64 images at 224 px is 9.6 MB). So the workers are capped to what this process's
+    share of the free space holds (its share of the node's CPUs: the folds beside it need theirs), and a
+    note says how to give it more.
+    """
+    wanted = max(0, int(cpus) - 1)
+    if not wanted or not batch_bytes:
+        return wanted
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:  # no /dev/shm (macOS): torch shares memory another way
+        return wanted
+    node_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    fits = max(0, (int(free * min(1.0, cpus / node_cpus)) // batch_bytes - 2) // PREFETCH)
+    if fits < wanted and (free, fits) not in _SHM_NOTED:
+        _SHM_NOTED.add((free, fits))
+        print(f"note: /dev/shm has {free / 2 ** 20:.1f} MiB free; this process's share holds {fits} DataLoader "
+              f"worker(s) of {PREFETCH} batches of {batch_bytes / 2 ** 20:.2f} MiB, not {wanted}: decoding is slower. "
+              "Give it more shared memory (docker run --shm-size=16g, or a bigger /dev/shm).", file=sys.stderr)
+    return min(wanted, fits)
+
+
+PREFETCH = 2  # torch's default prefetch_factor: batches each worker keeps ready
+_SHM_NOTED: set = set()
+
+
+def batch_bytes(dataset: ImageDataset, batch_size: int) -> int:
+    """What one collated batch of `dataset` takes in shared memory: uint8 views, float32 targets, int64 indices,
+    each tensor rounded up to whole pages."""
+    classes = dataset.targets.shape[1] if getattr(dataset.targets, "ndim", 1) == 2 else 1
+    tensors = (batch_size * dataset.n_views * 3 * dataset.size ** 2, batch_size * 4 * classes, batch_size * 8)
+    return sum(-(-n // 4096) * 4096 for n in tensors)
 
 
 def _worker_init(_):
@@ -223,8 +260,8 @@ def create_loader(
     seed: int = 0,
     drop_last: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose worker count follows the caller's CPU share."""
-    workers = loader_workers(cpus)
+    """A DataLoader whose worker count follows the caller's CPU share (and /dev/shm: `loader_workers`)."""
+    workers = loader_workers(cpus, batch_bytes(dataset, batch_size))
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
