@@ -34,20 +34,27 @@ def ray_start_cluster(tmp_path):
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     procs = []
-    for name, args in (("head", ["--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
-                                 "--disable-usage-stats"]),
-                       ("node2", ["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "2"])):
-        cwd = tmp_path / name
-        cwd.mkdir()
-        procs.append(subprocess.Popen([RAY, "start", *args, "--block"], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
-        if name == "head":
-            _wait_for_port(port)
-    time.sleep(3)  # the second node registers
-    yield f"127.0.0.1:{port}"
-    for proc in reversed(procs):  # the whole group: `ray start`, its raylet, GCS and workers (a graceful stop takes 30 s)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    try:
+        for name, args in (("head", ["--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
+                                     "--disable-usage-stats"]),
+                           ("node2", ["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "2"])):
+            cwd = tmp_path / name
+            cwd.mkdir()
+            procs.append(subprocess.Popen([RAY, "start", *args, "--block"], cwd=cwd, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            if name == "head":
+                _wait_for_port(port)
+        # The second node registers: a driver waits (up to 60 s) until the cluster has both, not a fixed sleep.
+        wait = (f"import ray, time; ray.init(address='127.0.0.1:{port}', log_to_driver=False); end = time.time() + 60\n"
+                "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() < end: time.sleep(0.2)\n"
+                "print(len([n for n in ray.nodes() if n['Alive']]))")
+        nodes = subprocess.run([sys.executable, "-c", wait], env=env, capture_output=True, text=True, timeout=120)
+        assert nodes.stdout.split()[-1:] == ["2"], nodes.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        for proc in reversed(procs):  # the whole group: `ray start`, its raylet, GCS and workers (a graceful stop: 30 s)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
     leftovers = subprocess.run(["pgrep", "-f", f"[:=]{port}( |$)"], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes of the ray start cluster left running: {leftovers}"
 

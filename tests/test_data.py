@@ -305,6 +305,8 @@ def test_a_small_dev_shm_caps_the_loader_workers_instead_of_hanging(demo_dir):
     import sys
 
     code = f"""
+import os
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])  # 1 CPU: the process's share is all of /dev/shm
 from ensemble.data import demo_data
 from ensemble.data.loader import ImageDataset, create_loader
 from ensemble.data.manifest import read_manifest

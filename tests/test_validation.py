@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import cv2
 import numpy as np
@@ -86,6 +87,7 @@ def test_a_damaged_copy_of_the_same_size_and_mtime_is_checked_again(tmp_path, ph
     assert check(manifest, cache).decoded == 8
     victim = root / "images" / "p6.jpg"
     st, data = victim.stat(), victim.read_bytes()
+    time.sleep(0.05)  # the kernel's ctime clock ticks every few ms: the rewrite must land on a later tick
     victim.write_bytes(data[:100] + bytes(len(data) - 100))  # the same size, zeros after its first 100 bytes
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)

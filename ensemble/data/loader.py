@@ -223,8 +223,8 @@ def loader_workers(cpus: float, batch_bytes: int = 0) -> int:
         return wanted
     node_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     fits = max(0, (int(free * min(1.0, cpus / node_cpus)) // batch_bytes - 2) // PREFETCH)
-    if fits < wanted and (free, fits) not in _SHM_NOTED:
-        _SHM_NOTED.add((free, fits))
+    if fits < wanted and (batch_bytes, fits) not in _SHM_NOTED:  # once per process and batch shape
+        _SHM_NOTED.add((batch_bytes, fits))
         print(f"note: /dev/shm has {free / 2 ** 20:.1f} MiB free; this process's share holds {fits} DataLoader "
               f"worker(s) of {PREFETCH} batches of {batch_bytes / 2 ** 20:.2f} MiB, not {wanted}: decoding is slower. "
               "Give it more shared memory (docker run --shm-size=16g, or a bigger /dev/shm).", file=sys.stderr)
