@@ -187,7 +187,7 @@ class Predictor:
             self.loader = key, torch.utils.data.DataLoader(
                 dataset, batch_size=job.batch, sampler=_Rows(), num_workers=workers, collate_fn=collate,
                 worker_init_fn=_one_thread if workers else None, persistent_workers=workers > 0,
-                pin_memory=self.device.type == "cuda")
+                pin_memory=cuda)
         return self.loader[1]
 
 
