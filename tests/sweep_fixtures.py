@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from ensemble.run import Run
@@ -57,3 +60,16 @@ def kill_mid_training(proc, root: Path, pattern: str, timeout: float = 240) -> N
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def with_small_dev_shm(argv: list[str], size: str = "512k", **kwargs) -> subprocess.CompletedProcess:
+    """Run `argv` with a `size` tmpfs on /dev/shm, in a private mount namespace (root only: skipped elsewhere,
+    a failure in CI, which runs as root)."""
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {shlex.join(argv)}"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, **kwargs)
+    if proc.returncode and "ensemble" not in proc.stderr:  # unshare or mount refused: not root
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a small /dev/shm: {proc.stderr.strip()}")
+        pytest.skip(f"needs root to mount a private /dev/shm ({proc.stderr.strip()})")
+    return proc

@@ -299,10 +299,9 @@ def test_a_small_dev_shm_caps_the_loader_workers_instead_of_hanging(demo_dir):
     """Workers hand batches over in /dev/shm (a container's default: 64 MB). When it cannot hold their prefetched
     batches, torch prints the error in the worker and the loader waits forever. A real fault: a 512 KiB
     /dev/shm in a private mount namespace, where 2 workers of 104 KiB batches hang (they need 640 KiB) and 1 runs."""
-    import os
-    import shlex
-    import subprocess
     import sys
+
+    from sweep_fixtures import with_small_dev_shm
 
     code = f"""
 import os
@@ -314,13 +313,7 @@ m = read_manifest(demo_data.demo_manifest("multiclass", {str(demo_dir)!r}), chec
 loader = create_loader(ImageDataset(m.image_paths[:128], m.targets()[:128], 32), 32, cpus=3)  # 2 workers wanted
 print(loader.num_workers, sum(len(x) for x, *_ in loader))
 """
-    script = f"mount -t tmpfs -o size=512k tmpfs /dev/shm && exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode and "ensemble" not in proc.stderr:  # unshare or mount refused: not root
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a small /dev/shm: {proc.stderr.strip()}")
-        pytest.skip(f"needs root to mount a private /dev/shm ({proc.stderr.strip()})")
+    proc = with_small_dev_shm([sys.executable, "-c", code], timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["1", "128"], proc.stderr[-2000:]
     assert "note: /dev/shm has 0.5 MiB free" in proc.stderr and "not 2: decoding is slower" in proc.stderr
 

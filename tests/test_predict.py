@@ -277,6 +277,17 @@ def test_fractional_gpu_actors_are_placed_two_per_logical_gpu(ray_cluster):
             ray_cluster.kill(a)
 
 
+def test_gpu_actors_say_at_start_when_dev_shm_caps_their_loader_workers(pristine, tmp_path, actors, monkeypatch, capsys):
+    """GPU actors decode in DataLoader workers, whose note on /dev/shm goes to the actor's log: the driver says it
+    on the console. (A 512 KiB /dev/shm as the driver sees it; the actors given are CPU ones, which use no workers.)"""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2 ** 19) if str(p) == "/dev/shm" else real(p))
+    predict_run(copy_run(pristine, tmp_path), tta="orig,hflip", gpus_per_actor=0.5, cpus_per_actor=2, progress=False,
+                actors=actors)
+    err = capsys.readouterr().err
+    assert "note: /dev/shm has 0.5 MiB free; a 2-CPU share" in err and "not 1: decoding is slower" in err, err
+
+
 def test_resolve_actors():
     assert pool.resolve_actors({"CPU": 2}) == (2, 1.0, 0.0)  # CPU actors when there is no GPU
     assert pool.resolve_actors({"CPU": 2}, cpus_per_actor=2) == (1, 2, 0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sweep_fixtures import kill_mid_training, oof, read_metrics, small_space
+from sweep_fixtures import kill_mid_training, oof, read_metrics, small_space, with_small_dev_shm
 
 from ensemble.run import Run
 from ensemble.tune import launch as tune
@@ -208,6 +208,20 @@ def test_fractional_gpus_pack_two_folds_per_gpu(tmp_path, demo_dir, ray_cluster)
     model_id = next((run_dir / "models").iterdir()).name
     runs = [read_metrics(run_dir, model_id, k)["history"][0] for k in range(8)]
     assert sorted(r["device"] for r in runs) == ["0", "0", "1", "1", "2", "2", "3", "3"]
+
+
+@pytest.mark.slow
+def test_a_small_dev_shm_is_said_at_launch(tmp_path, demo_dir):
+    """A fold's own note on /dev/shm goes to its Ray worker's log: the launch says it on the console. A real
+    512 KiB /dev/shm, folds of 2 CPUs (1 DataLoader worker wanted, 0 fit); the sweep still trains."""
+    path = small_space(tmp_path, demo_dir, rows=120, epochs=1, resources={"cpu": 2})
+    proc = with_small_dev_shm([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
+                               str(tmp_path / "runs"), "--name", "shm"], cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = [line for line in proc.stderr.splitlines() if line.startswith("note: /dev/shm")]
+    assert len(note) == 1 and "a 2-CPU share" in note[0] and "holds 0 DataLoader worker(s)" in note[0], proc.stderr
+    assert "not 1: decoding is slower" in note[0] and "--shm-size" in note[0]
+    assert (tmp_path / "runs" / "shm" / "leaderboard.csv").exists()
 
 
 @pytest.mark.slow

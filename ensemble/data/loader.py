@@ -149,6 +149,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def batch_bytes(self, batch_size: int) -> int:
+        """What one collated batch of this dataset takes in shared memory (`batch_bytes`)."""
+        classes = self.targets.shape[1] if getattr(self.targets, "ndim", 1) == 2 else 1
+        return batch_bytes(batch_size, self.size, self.n_views, classes)
+
     @staticmethod
     def _one_chain(spec: str, what: str) -> str:
         chains = views_mod.parse_views(spec)
@@ -225,9 +230,10 @@ def loader_workers(cpus: float, batch_bytes: int = 0) -> int:
     fits = max(0, (int(free * min(1.0, cpus / node_cpus)) // batch_bytes - 2) // PREFETCH)
     if fits < wanted and (batch_bytes, fits) not in _SHM_NOTED:  # once per process and batch shape
         _SHM_NOTED.add((batch_bytes, fits))
-        print(f"note: /dev/shm has {free / 2 ** 20:.1f} MiB free; this process's share holds {fits} DataLoader "
-              f"worker(s) of {PREFETCH} batches of {batch_bytes / 2 ** 20:.2f} MiB, not {wanted}: decoding is slower. "
-              "Give it more shared memory (docker run --shm-size=16g, or a bigger /dev/shm).", file=sys.stderr)
+        print(f"note: /dev/shm has {free / 2 ** 20:.1f} MiB free; a {cpus:g}-CPU share of this node's {node_cpus} "
+              f"CPUs holds {fits} DataLoader worker(s) of {PREFETCH} batches of {batch_bytes / 2 ** 20:.2f} MiB, not "
+              f"{wanted}: decoding is slower. Give it more shared memory (docker run --shm-size=16g, or a bigger "
+              "/dev/shm).", file=sys.stderr)
     return min(wanted, fits)
 
 
@@ -235,11 +241,10 @@ PREFETCH = 2  # torch's default prefetch_factor: batches each worker keeps ready
 _SHM_NOTED: set = set()
 
 
-def batch_bytes(dataset: ImageDataset, batch_size: int) -> int:
-    """What one collated batch of `dataset` takes in shared memory: uint8 views, float32 targets, int64 indices,
-    each tensor rounded up to whole pages."""
-    classes = dataset.targets.shape[1] if getattr(dataset.targets, "ndim", 1) == 2 else 1
-    tensors = (batch_size * dataset.n_views * 3 * dataset.size ** 2, batch_size * 4 * classes, batch_size * 8)
+def batch_bytes(batch_size: int, image_size: int, views: int = 1, classes: int = 1) -> int:
+    """What one collated batch takes in shared memory: uint8 views, float32 targets (`classes` per row),
+    int64 indices, each tensor rounded up to whole pages."""
+    tensors = (batch_size * views * 3 * image_size ** 2, batch_size * 4 * classes, batch_size * 8)
     return sum(-(-n // 4096) * 4096 for n in tensors)
 
 
@@ -261,7 +266,7 @@ def create_loader(
     drop_last: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose worker count follows the caller's CPU share (and /dev/shm: `loader_workers`)."""
-    workers = loader_workers(cpus, batch_bytes(dataset, batch_size))
+    workers = loader_workers(cpus, dataset.batch_bytes(batch_size))
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,

@@ -82,6 +82,10 @@ def _predict(run: Run, plans: list[ModelPlan], gpus_per_actor, cpus_per_actor, f
                 refs[tuple(paths)] = ray.put(paths)  # each image list is shipped once
             step = max(1, shard_size // job.batch) * job.batch  # whole batches: no small forward mid-list
             items += [(job, refs[tuple(paths)], s, min(s + step, len(paths))) for s in range(0, len(paths), step)]
+    if gpus:  # the actors' DataLoader workers hand batches over in /dev/shm; their own note goes to their logs
+        from ensemble.data.loader import batch_bytes, loader_workers
+
+        loader_workers(cpus, max(batch_bytes(j.batch, j.image_size, j.n_views) for p in plans for j in p.jobs.values()))
     plan_of = {p.model_id: p for p in plans}
     scores = {}
 

@@ -171,7 +171,7 @@ class Predictor:
     def _loader(self, job: Job, paths: list[str]):
         """A DataLoader per image list, reused by its shards: its workers persist, only the rows change."""
         torch = self._torch()
-        from ensemble.data.loader import DecodedCache, ImageDataset, batch_bytes, collate, loader_workers
+        from ensemble.data.loader import DecodedCache, ImageDataset, collate, loader_workers
 
         cache_file = self._run(job).path(job.cache) if job.cache else None
         key = (tuple(paths), cache_file, job.image_size, job.preprocess, job.tta, job.batch, job.on_bad_image)
@@ -183,7 +183,7 @@ class Predictor:
             # compete with it (1 actor x 2 CPUs, scripts/bench_predict.py: 364 images/s with one, 467-485
             # without). On a GPU, workers decode while it computes.
             cuda = self.device.type == "cuda"
-            workers = loader_workers(self.cpus or 1, batch_bytes(dataset, job.batch)) if cuda else 0
+            workers = loader_workers(self.cpus or 1, dataset.batch_bytes(job.batch)) if cuda else 0
             self.loader = key, torch.utils.data.DataLoader(
                 dataset, batch_size=job.batch, sampler=_Rows(), num_workers=workers, collate_fn=collate,
                 worker_init_fn=_one_thread if workers else None, persistent_workers=workers > 0,

@@ -339,6 +339,17 @@ def model_resources(space: spaces.Space, todo: list[dict]) -> dict[str, dict]:
     return {model_id: dict(space.resources, gpu=fraction) for model_id, fraction in gpu.items()}
 
 
+def note_shared_memory(todo: list[dict], cpus: float) -> None:
+    """Say at launch when this node's /dev/shm holds fewer DataLoader workers than a fold's CPUs want: the fold's
+    own note (`loader_workers`) goes to its Ray worker's log, which the console does not show."""
+    from ensemble.data.loader import batch_bytes, loader_workers
+    from ensemble.run.layout import stage_size
+
+    largest = max(batch_bytes(2 * c["params"]["batch_size"], stage_size(c, stage), classes=len(c.get("classes") or ()) or 1)
+                  for c in todo for stage in c["stages"])  # a fold's largest batches: its validation's
+    loader_workers(cpus, largest)
+
+
 def concurrency(slots: int, k: int) -> int:
     """Models in flight: enough folds to fill every slot, plus one model to fill the gaps."""
     return math.ceil(slots / k) + 1
@@ -377,6 +388,7 @@ def _sweep(space, run: Run, location, resume, smoke, max_concurrent, address, ve
         from ensemble.tune.trial import warm_up_workers
 
         warm_up_workers(space.resources, slots)  # torch + timm imports overlap the writes and Tune's start
+        note_shared_memory(todo, space.resources["cpu"])
     write_plan(plan, run)
     tracked = trackers.remember(loggers, run.dir, run.dir.name) if not run.store else {}
     for state in ("complete", "pruned"):
