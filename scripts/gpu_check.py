@@ -183,8 +183,11 @@ def peak_memory(args, device: str) -> dict:
             combos.setdefault((spec.backbone, p["batch_size"], p["image_size"], p["amp"]), path.stem)
     if args.smoke:  # the code path only: the shipped spaces' big backbones would take minutes on a CPU
         combos = {(b, 2, 32, amp): s for (b, _, _, amp), s in combos.items() if b.startswith("test_")}
-    total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
-    out = {}
+    gpus = packing.node_gpus()  # what gpu: auto reads of each GPU node to pack for its smallest GPU
+    print("   this node's GPUs: " + (", ".join(f"{g['name']} ({g['total'] / GIB:.1f} GiB)" for g in gpus) or "none"))
+    check(bool(gpus) == (device == "cuda"), "gpu: auto reads the node's GPUs where CUDA is")
+    total = min(g["total"] for g in gpus) if gpus else None
+    out = {"gpus": gpus}
     for (backbone, batch, size, amp), space in combos.items():
         key = f"{backbone}@{size}px/batch{batch}/amp={amp}"
         try:
@@ -198,7 +201,7 @@ def peak_memory(args, device: str) -> dict:
         print(f"   {backbone:<24} {size:>4} px x {batch:>3} ({space}): " + (
             f"peak {peak['peak_bytes'] / GIB:6.2f} GiB + context {peak['context_bytes'] / GIB:.2f} GiB: "
             f"{round(1 / share)} fold(s) per GPU (gpu {share:g})" if share else "peak n/a on a CPU"))
-    check(bool(out), "the shipped spaces have backbones to measure")
+    check(len(out) > 1, "the shipped spaces have backbones to measure")
     return out
 
 

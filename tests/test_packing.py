@@ -66,6 +66,7 @@ def test_measurements_are_cached_per_gpu_and_torch_and_a_second_launch_measures_
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"total_memory": 80 * GIB}))
     monkeypatch.setattr(packing, "_run_on_a_gpu", lambda configs, cache, cpus: packing._measure(configs, cache))
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(packing, "_gpus_per_node", lambda: [])  # the GPUs' sizes: the measured one's only
     configs = [_config(size=64, model_id="a"), _config(size=64, model_id="b"), _config(size=128, model_id="c")]
     lines = []
     assert packing.fractions(configs, log=lines.append) == {"a": 1 / 8, "b": 1 / 8, "c": 0.25}
@@ -84,6 +85,25 @@ def test_measurements_are_cached_per_gpu_and_torch_and_a_second_launch_measures_
     monkeypatch.setattr(torch, "__version__", "2.10.0")  # another torch: its own measurements
     packing.fractions(configs, log=lines.append)
     assert sorted(calls[3:]) == [("test_resnet", 64), ("test_resnet", 128)]
+
+
+def test_fractions_fit_the_smallest_gpu_of_a_mixed_cluster(ray_cluster, monkeypatch):
+    """Measured on an 80 GiB GPU, the cluster also has a 24 GiB one: a fraction holds wherever Ray places the fold.
+    The sizes' task runs for real on every GPU node (here: logical GPUs, so it finds no CUDA device)."""
+    assert ray_cluster.get(packing._gpus_per_node(), timeout=120) == [[]]
+    sizes = [ray_cluster.put([{"name": "Big", "total": 80 * GIB}, {"name": "Small", "total": 24 * GIB}])]
+    same = [ray_cluster.put([{"name": "Big", "total": 80 * GIB}])]  # the measured GPU's own size: named once
+    monkeypatch.setattr(packing, "gpu_needs", lambda configs, cpus, log: (
+        {"name": "Big, torch 2.9.0", "total": 80 * GIB}, {packing.key_of(configs[0]): 10 * GIB}, set()))
+    monkeypatch.setattr(packing, "_gpus_per_node", lambda: same)
+    lines = []
+    assert packing.fractions([_config()], log=lines.append) == {"m": 0.1666}
+    assert lines[0].startswith("gpu: auto on Big, torch 2.9.0 (80 GiB): ")
+    monkeypatch.setattr(packing, "_gpus_per_node", lambda: sizes)
+    lines = []
+    assert packing.fractions([_config()], log=lines.append) == {"m": 0.5}  # floor(24 x 0.85 / 10) = 2; on 80 GiB: 6
+    assert lines == ["gpu: auto on the cluster's smallest GPU, Small (24 GiB; measured on Big, torch 2.9.0 (80 GiB)): "
+                     "test_resnet@32px/batch32/amp=True needs 10.00 GiB per fold: 2 fold(s) per GPU (gpu 0.5)"]
 
 
 @pytest.mark.slow

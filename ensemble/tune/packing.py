@@ -9,9 +9,10 @@ not their memory fits. With `gpu: auto` the launch measures instead:
                caching allocator reserved, plus the CUDA context a fold process adds
   cache        the needs are kept per GPU name and torch version in $ENSEMBLE_CACHE_DIR/gpu_memory.json
                (default ~/.cache/ensemble), so a resume or the next sweep measures nothing
-  pack         folds per GPU = floor(GPU memory x SAFETY / need); the model's fraction is
-               1 / that, so a GPU holds as many of its folds as fit, with a margin for the
-               allocator's fragmentation and the held-out evaluation
+  pack         folds per GPU = floor(GPU memory x SAFETY / need), with the memory of the cluster's
+               smallest GPU (a fraction is the same wherever Ray places the fold); the model's
+               fraction is 1 / that, so a GPU holds as many of its folds as fit, with a margin for
+               the allocator's fragmentation and the held-out evaluation
 
 Only the measurement needs a GPU (scripts/gpu_check.py runs it there); the
 arithmetic and the placement are tested with logical GPUs and given needs.
@@ -61,12 +62,21 @@ def _read_cache() -> dict:
 
 def fractions(configs: list[dict], *, cpus: float = 1.0, log=print) -> dict[str, float]:
     """{model_id: the GPU fraction of one of its folds}, measuring on a cluster GPU what the cache lacks."""
+    import ray
+
     keys = sorted({key_of(c) for c in configs})
+    sizes = _gpus_per_node()  # they run while the measurement does
     gpu, needs, measured = gpu_needs(configs, cpus, log)
-    packed = pack(needs, gpu["total"])
+    # A fraction is the same on every GPU: sized for the smallest, a fold fits wherever Ray places it.
+    gpus = [g for node in (ray.get(sizes, timeout=MEASURE_TIMEOUT) if sizes else []) for g in node]
+    smallest = min([gpu, *gpus], key=lambda g: g["total"])  # the measured one on a tie
+    on = f"{gpu['name']} ({gpu['total'] / GIB:.0f} GiB)"
+    if smallest is not gpu:
+        on = f"the cluster's smallest GPU, {smallest['name']} ({smallest['total'] / GIB:.0f} GiB; measured on {on})"
+    packed = pack(needs, smallest["total"])
     for key in keys:
-        log(f"gpu: auto on {gpu['name']} ({gpu['total'] / GIB:.0f} GiB): {key} needs {needs[key] / GIB:.2f} GiB "
-            f"per fold{' (measured now)' if key in measured else ''}: {round(1 / packed[key])} fold(s) per GPU "
+        log(f"gpu: auto on {on}: {key} needs {needs[key] / GIB:.2f} GiB per fold"
+            f"{' (measured now)' if key in measured else ''}: {round(1 / packed[key])} fold(s) per GPU "
             f"(gpu {packed[key]:g})")
     return {c["model_id"]: packed[key_of(c)] for c in configs}
 
@@ -127,6 +137,28 @@ def _run_on_a_gpu(configs: list[dict], cache: dict, cpus: float) -> tuple[dict |
         ray.cancel(ref, force=True)
         raise UserError(f"resources.gpu: auto waited {MEASURE_TIMEOUT} s for a whole free GPU to measure on (every "
                         "GPU is partly in use?). Give resources.gpu a number. Nothing was written.") from None
+
+
+def _gpus_per_node() -> list:
+    """One task per alive node with GPUs (no resources held), each returning [{"name", "total"}] for the GPUs
+    of its node. A task given no GPU keeps its worker's CUDA_VISIBLE_DEVICES, which in a fresh worker is the
+    node's (the raylet's); an env var of its own keeps it off the workers that ran a GPU task before."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(max_calls=1)(node_gpus)
+    return [task.options(num_cpus=0, runtime_env={"env_vars": {"ENSEMBLE_GPU_SIZES": "1"}},
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+            for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")]
+
+
+def node_gpus() -> list[dict]:
+    import torch
+
+    if not torch.cuda.is_available():  # logical GPUs
+        return []
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    return [{"name": p.name, "total": p.total_memory} for p in props]
 
 
 def _measure(configs: list[dict], cache: dict) -> tuple[dict | None, dict]:
