@@ -5,6 +5,7 @@ scripts/gpu_check.py part 3)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -104,6 +105,11 @@ def test_fractions_fit_the_smallest_gpu_of_a_mixed_cluster(ray_cluster, monkeypa
     assert packing.fractions([_config()], log=lines.append) == {"m": 0.5}  # floor(24 x 0.85 / 10) = 2; on 80 GiB: 6
     assert lines == ["gpu: auto on the cluster's smallest GPU, Small (24 GiB; measured on Big, torch 2.9.0 (80 GiB)): "
                      "test_resnet@32px/batch32/amp=True needs 10.00 GiB per fold: 2 fold(s) per GPU (gpu 0.5)"]
+    lost = [ray_cluster.remote(lambda: os._exit(1)).options(max_retries=0).remote()]  # its node's worker died
+    monkeypatch.setattr(packing, "_gpus_per_node", lambda: lost)
+    lines = []
+    assert packing.fractions([_config()], log=lines.append) == {"m": 0.1666}  # the measured GPU's packing
+    assert lines[0].startswith("note: gpu: auto could not read the size of every GPU node's GPUs (")
 
 
 @pytest.mark.slow

@@ -68,7 +68,12 @@ def fractions(configs: list[dict], *, cpus: float = 1.0, log=print) -> dict[str,
     sizes = _gpus_per_node()  # they run while the measurement does
     gpu, needs, measured = gpu_needs(configs, cpus, log)
     # A fraction is the same on every GPU: sized for the smallest, a fold fits wherever Ray places it.
-    gpus = [g for node in (ray.get(sizes, timeout=MEASURE_TIMEOUT) if sizes else []) for g in node]
+    try:
+        gpus = [g for node in (ray.get(sizes, timeout=MEASURE_TIMEOUT) if sizes else []) for g in node]
+    except ray.exceptions.RayError as exc:  # a node lost meanwhile: the measured GPU is all we know
+        log(f"note: gpu: auto could not read the size of every GPU node's GPUs ({type(exc).__name__}); it packs for "
+            "the GPU it measured on.")
+        gpus = []
     smallest = min([gpu, *gpus], key=lambda g: g["total"])  # the measured one on a tie
     on = f"{gpu['name']} ({gpu['total'] / GIB:.0f} GiB)"
     if smallest is not gpu:
