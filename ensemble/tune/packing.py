@@ -158,6 +158,7 @@ def _gpus_per_node() -> list:
 
 
 def node_gpus() -> list[dict]:
+    """[{"name", "total": bytes}] of each GPU this process sees; none without CUDA."""
     import torch
 
     if not torch.cuda.is_available():  # logical GPUs
