@@ -183,10 +183,10 @@ def peak_memory(args, device: str) -> dict:
             combos.setdefault((spec.backbone, p["batch_size"], p["image_size"], p["amp"]), path.stem)
     if args.smoke:  # the code path only: the shipped spaces' big backbones would take minutes on a CPU
         combos = {(b, 2, 32, amp): s for (b, _, _, amp), s in combos.items() if b.startswith("test_")}
-    gpus = packing.node_gpus()  # what gpu: auto reads of each GPU node to pack for its smallest GPU
+    gpus = packing.node_gpus()  # the function gpu: auto's task runs on each GPU node, to pack for its smallest GPU
     print("   this node's GPUs: " + (", ".join(f"{g['name']} ({g['total'] / GIB:.1f} GiB)" for g in gpus) or "none"))
-    check(bool(gpus) == (device == "cuda"), "gpu: auto reads the node's GPUs where CUDA is")
-    total = min(g["total"] for g in gpus) if gpus else None
+    check(bool(gpus) == torch.cuda.is_available(), "gpu: auto reads the node's GPUs where CUDA is")
+    total = min(g["total"] for g in gpus) if gpus and device == "cuda" else None
     out = {"gpus": gpus}
     for (backbone, batch, size, amp), space in combos.items():
         key = f"{backbone}@{size}px/batch{batch}/amp={amp}"
@@ -221,6 +221,10 @@ def ray_sweep(work: Path, args, device: str) -> dict:
     overlap = min(end for _, end in spans) > max(start for start, _ in spans)
     check({row["device"] for h in history for row in h} == {"0"}, "all four folds ran on GPU 0")
     check(overlap, "the four folds trained at the same time")
+    import ray
+
+    sizes = ray.get(packing._gpus_per_node(), timeout=120)  # gpu: auto's per-node task, on the sweep's cluster
+    check(sizes == [packing.node_gpus()], f"gpu: auto's task read this node's GPUs through Ray ({sizes})")
     return {"devices": sorted({row["device"] for h in history for row in h}), "concurrent": overlap}
 
 

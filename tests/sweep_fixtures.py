@@ -62,13 +62,16 @@ def kill_mid_training(proc, root: Path, pattern: str, timeout: float = 240) -> N
     proc.wait()
 
 
+MOUNTED = "small /dev/shm mounted"
+
+
 def with_small_dev_shm(argv: list[str], size: str = "512k", **kwargs) -> subprocess.CompletedProcess:
     """Run `argv` with a `size` tmpfs on /dev/shm, in a private mount namespace (root only: skipped elsewhere,
     a failure in CI, which runs as root)."""
-    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && exec {shlex.join(argv)}"
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && echo {MOUNTED} >&2 && exec {shlex.join(argv)}"
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, **kwargs)
-    if proc.returncode and "ensemble" not in proc.stderr:  # unshare or mount refused: not root
+    if MOUNTED not in proc.stderr:  # unshare or mount refused: not root
         if os.environ.get("CI"):
             pytest.fail(f"cannot mount a small /dev/shm: {proc.stderr.strip()}")
         pytest.skip(f"needs root to mount a private /dev/shm ({proc.stderr.strip()})")

@@ -91,7 +91,7 @@ def test_measurements_are_cached_per_gpu_and_torch_and_a_second_launch_measures_
 def test_fractions_fit_the_smallest_gpu_of_a_mixed_cluster(ray_cluster, monkeypatch):
     """Measured on an 80 GiB GPU, the cluster also has a 24 GiB one: a fraction holds wherever Ray places the fold.
     The sizes' task runs for real on every GPU node (here: logical GPUs, so it finds no CUDA device)."""
-    assert ray_cluster.get(packing._gpus_per_node(), timeout=120) == [[]]
+    assert ray_cluster.get(packing._gpus_per_node(), timeout=120) == [packing.node_gpus(4)]  # [] without CUDA
     sizes = [ray_cluster.put([{"name": "Big", "total": 80 * GIB}, {"name": "Small", "total": 24 * GIB}])]
     same = [ray_cluster.put([{"name": "Big", "total": 80 * GIB}])]  # the measured GPU's own size: named once
     monkeypatch.setattr(packing, "gpu_needs", lambda configs, cpus, log: (
@@ -109,7 +109,8 @@ def test_fractions_fit_the_smallest_gpu_of_a_mixed_cluster(ray_cluster, monkeypa
     monkeypatch.setattr(packing, "_gpus_per_node", lambda: lost)
     lines = []
     assert packing.fractions([_config()], log=lines.append) == {"m": 0.1666}  # the measured GPU's packing
-    assert lines[0].startswith("note: gpu: auto could not read the size of every GPU node's GPUs (")
+    assert lines[0].startswith("note: gpu: auto could not read the GPUs' sizes (")
+    assert lines[1].startswith("note: gpu: auto found no CUDA device on 1 of the 1 GPU node(s) it asked; it packs as if")
 
 
 @pytest.mark.slow
@@ -127,6 +128,7 @@ def test_each_model_trains_its_folds_at_its_measured_fraction(tmp_path, demo_dir
     needs = {"test_resnet@32px/batch32/amp=True": 40 * GIB, "test_efficientnet@32px/batch32/amp=True": 20 * GIB}
     monkeypatch.setattr(packing, "_run_on_a_gpu", lambda configs, cache, cpus: (
         {"name": "Stand-in GPU", "total": 100 * GIB}, {packing.key_of(c): needs[packing.key_of(c)] for c in configs}))
+    monkeypatch.setattr(packing, "_gpus_per_node", lambda: [])  # the stand-in's size only, even on a CUDA machine
     monkeypatch.setenv("ENSEMBLE_CACHE_DIR", str(tmp_path / "cache"))
     path = small_space(tmp_path, demo_dir, rows=80, epochs=1, backbones=["test_resnet", "test_efficientnet"],
                        resources={"cpu": 0.25, "gpu": "auto"})

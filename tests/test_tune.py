@@ -216,7 +216,7 @@ def test_a_small_dev_shm_is_said_at_launch(tmp_path, demo_dir):
     512 KiB /dev/shm, folds of 2 CPUs (1 DataLoader worker wanted, 0 fit); the sweep still trains."""
     path = small_space(tmp_path, demo_dir, rows=120, epochs=1, resources={"cpu": 2})
     proc = with_small_dev_shm([sys.executable, "-m", "ensemble.tune", "--space", str(path), "--storage",
-                               str(tmp_path / "runs"), "--name", "shm"], cwd=REPO, timeout=300)
+                               str(tmp_path / "runs"), "--name", "shm"], cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     note = [line for line in proc.stderr.splitlines() if line.startswith("note: /dev/shm")]
     assert len(note) == 1 and "a 2-CPU share" in note[0] and "holds 0 DataLoader worker(s)" in note[0], proc.stderr

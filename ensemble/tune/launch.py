@@ -345,7 +345,8 @@ def note_shared_memory(todo: list[dict], cpus: float) -> None:
     from ensemble.data.loader import batch_bytes, loader_workers
     from ensemble.run.layout import stage_size
 
-    largest = max(batch_bytes(2 * c["params"]["batch_size"], stage_size(c, stage), classes=len(c.get("classes") or [0]))
+    largest = max(batch_bytes(2 * c["params"]["batch_size"], stage_size(c, stage),
+                              classes=1 if c["task"] == "retrieval" else len(c["classes"]))  # retrieval: no targets
                   for c in todo for stage in c["stages"])  # a fold's largest batches: its validation's
     loader_workers(cpus, largest)
 

@@ -69,11 +69,14 @@ def fractions(configs: list[dict], *, cpus: float = 1.0, log=print) -> dict[str,
     gpu, needs, measured = gpu_needs(configs, cpus, log)
     # A fraction is the same on every GPU: sized for the smallest, a fold fits wherever Ray places it.
     try:
-        gpus = [g for node in (ray.get(sizes, timeout=MEASURE_TIMEOUT) if sizes else []) for g in node]
-    except ray.exceptions.RayError as exc:  # a node lost meanwhile: the measured GPU is all we know
-        log(f"note: gpu: auto could not read the size of every GPU node's GPUs ({type(exc).__name__}); it packs for "
-            "the GPU it measured on.")
-        gpus = []
+        nodes = ray.get(sizes, timeout=MEASURE_TIMEOUT) if sizes else []
+    except ray.exceptions.RayError as exc:  # a node lost meanwhile
+        nodes = [[]] * len(sizes)
+        log(f"note: gpu: auto could not read the GPUs' sizes ({type(exc).__name__}).")
+    if [] in nodes:
+        log(f"note: gpu: auto found no CUDA device on {nodes.count([])} of the {len(nodes)} GPU node(s) it asked; "
+            "it packs as if their GPUs were as large as the one it measured on.")
+    gpus = [g for node in nodes for g in node]
     smallest = min([gpu, *gpus], key=lambda g: g["total"])  # the measured one on a tie
     on = f"{gpu['name']} ({gpu['total'] / GIB:.0f} GiB)"
     if smallest is not gpu:
@@ -146,24 +149,27 @@ def _run_on_a_gpu(configs: list[dict], cache: dict, cpus: float) -> tuple[dict |
 
 def _gpus_per_node() -> list:
     """One task per alive node with GPUs (no resources held), each returning [{"name", "total"}] for the GPUs
-    of its node. A task given no GPU keeps its worker's CUDA_VISIBLE_DEVICES, which in a fresh worker is the
-    node's (the raylet's); an env var of its own keeps it off the workers that ran a GPU task before."""
+    Ray hands out there (the first n its workers see, n = the node's GPU count). A task given no GPU keeps
+    its worker's CUDA_VISIBLE_DEVICES, the node's in a fresh worker; the env var of its own makes Ray start
+    one (a reused worker may have started CUDA with a GPU task's narrower list) and keeps Ray from emptying
+    the variable for a task without GPUs where a cluster sets RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(max_calls=1)(node_gpus)
-    return [task.options(num_cpus=0, runtime_env={"env_vars": {"ENSEMBLE_GPU_SIZES": "1"}},
-                         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+    return [task.options(num_cpus=0, runtime_env={"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}},
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                         ).remote(int(node["Resources"]["GPU"]))
             for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")]
 
 
-def node_gpus() -> list[dict]:
-    """[{"name", "total": bytes}] of each GPU this process sees; none without CUDA."""
+def node_gpus(limit: int | None = None) -> list[dict]:
+    """[{"name", "total": bytes}] of the first `limit` GPUs this process sees (all by default); none without CUDA."""
     import torch
 
-    if not torch.cuda.is_available():  # logical GPUs
+    if not torch.cuda.is_available():  # logical GPUs, or a node whose CUDA does not start
         return []
-    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())[:limit]]
     return [{"name": p.name, "total": p.total_memory} for p in props]
 
 
